@@ -1,0 +1,59 @@
+"""``bard-vl`` command line.
+
+* ``bard-vl tiny OUT_DIR [--seed N] [--block-size B]`` — write a tiny random Bard-VL directory.
+* ``bard-vl demo OUT_DIR`` — write one and run the model-card code on it (image and video).
+* ``bard-vl [hydra overrides...]`` — the Hydra pipeline chaining all stages (when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _tiny(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bard-vl tiny", description="Write a tiny random Bard-VL model directory.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=4)
+    args = parser.parse_args(argv)
+    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(args.out_dir, seed=args.seed, block_size=args.block_size)
+    print(f"wrote tiny Bard-VL checkpoint to {path}")
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bard-vl demo", description="Tiny checkpoint + model-card generation.")
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    from nemo_automodel_bard.demo import run_demo
+
+    run_demo(args.out_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bard-vl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "tiny":
+        return _tiny(argv[1:])
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__)
+        return 0
+    try:
+        from nemo_automodel_bard.pipeline.app import main as pipeline_main
+    except ImportError as exc:  # pragma: no cover - the pipeline ships with the package
+        print(f"bard-vl: the pipeline is not available ({exc}); use 'bard-vl tiny' or 'bard-vl demo'", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], *argv]
+    pipeline_main()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

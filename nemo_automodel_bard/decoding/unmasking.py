@@ -1,0 +1,144 @@
+"""Token choice and unmasking rules for block-diffusion decoding.
+
+Every rule turns the block's logits into (a) a proposed token per position and (b) a score in
+``[0, 1]`` (higher = commit sooner), then commits either the ``k`` best-scoring masked positions
+(``*_static``) or every masked position scoring above a threshold and at least the ``k`` best
+(``*_dynamic``). All arithmetic is fp32 and batched; nothing here synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: score kinds: probability of the chosen token, top-1 minus top-2 probability, exp(-entropy)
+SCORES = ("low_confidence", "margin", "entropy", "random")
+RULES = (
+    "low_confidence_static",
+    "low_confidence_dynamic",
+    "margin_static",
+    "margin_dynamic",
+    "entropy_static",
+    "entropy_dynamic",
+    "random",
+)
+_ALIASES = {"margin": "margin_dynamic", "entropy": "entropy_dynamic", "random_static": "random"}
+
+
+@dataclass(frozen=True)
+class UnmaskingRule:
+    """A parsed rule name: which score to rank by and whether a threshold applies."""
+
+    score: str
+    dynamic: bool
+
+    @classmethod
+    def parse(cls, name: str) -> "UnmaskingRule":
+        """Parse ``low_confidence_static`` etc.; raise ``ValueError`` naming the valid rules."""
+        name = _ALIASES.get(name, name)
+        if name not in RULES:
+            raise ValueError(
+                f"unknown remasking_strategy {name!r}; valid: {list(RULES) + sorted(_ALIASES)}"
+            )
+        if name == "random":
+            return cls("random", False)
+        score, mode = name.rsplit("_", 1)
+        return cls(score, mode == "dynamic")
+
+
+def transfer_schedule(block_size: int, denoising_steps: int) -> list[int]:
+    """Minimum tokens to commit at each step: an even split of the block over the steps.
+
+    ``denoising_steps`` larger than the block is clamped to the block size (a step that commits
+    nothing would be a wasted forward). The counts sum to ``block_size``.
+    """
+    steps = min(denoising_steps, block_size)
+    base, extra = divmod(block_size, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k / nucleus filtering on fp32 logits ``[..., V]`` (filtered entries become ``-inf``)."""
+    if top_k and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token crossing top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def propose_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    score: str = "low_confidence",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose a token per position and score it.
+
+    Args:
+        logits: ``[batch, B, V]`` (any dtype; converted to fp32).
+
+    Returns:
+        ``(tokens [batch, B], score [batch, B] in [0, 1], probability of the chosen token [batch, B])``.
+        With ``temperature == 0`` the choice is the argmax; otherwise a sample from the
+        temperature / top-k / top-p distribution, under which the probability is measured.
+    """
+    logits = logits.float()
+    if temperature and temperature > 0:
+        logits = filter_logits(logits / temperature, top_k, top_p)
+        probs = logits.softmax(-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    else:
+        logits = filter_logits(logits, top_k, top_p)
+        probs = logits.softmax(-1)
+        tokens = probs.argmax(-1)
+    chosen = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if score == "low_confidence":
+        value = chosen
+    elif score == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        value = top2[..., 0] - top2[..., 1]
+    elif score == "entropy":
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+        value = torch.exp(-entropy)
+    elif score == "random":
+        value = torch.rand(chosen.shape, generator=generator, device=chosen.device)
+    else:
+        raise ValueError(f"unknown score {score!r}; valid: {list(SCORES)}")
+    return tokens, value, chosen
+
+
+def select_commits(
+    score: torch.Tensor, masked: torch.Tensor, k: int, *, dynamic: bool, threshold: float
+) -> torch.Tensor:
+    """Which masked positions to commit this step.
+
+    Args:
+        score: ``[batch, B]`` scores; masked: ``[batch, B]`` bool (still-masked positions).
+        k: minimum number to commit per sample (fewer if fewer remain masked).
+
+    Returns:
+        bool ``[batch, B]``: the ``k`` best masked positions, plus (dynamic) every masked position
+        whose score is strictly above ``threshold``.
+    """
+    ranked = score.masked_fill(~masked, float("-inf"))
+    k = min(k, ranked.shape[-1])
+    top = torch.zeros_like(masked)
+    if k > 0:
+        top.scatter_(-1, ranked.topk(k, dim=-1).indices, True)
+    commit = top & masked
+    if dynamic:
+        commit |= masked & (score > threshold)
+    return commit
+
+
+__all__ = ["RULES", "SCORES", "UnmaskingRule", "filter_logits", "propose_tokens", "select_commits", "transfer_schedule"]

@@ -1,0 +1,264 @@
+"""Training-row layout and the block-diffusion attention visibility rule.
+
+A training sample is laid out as ``[prompt | clean response | noisy response]`` (DESIGN §1).
+Every token carries three integers:
+
+* ``token_type`` -- a :class:`TokenType` (prompt / clean / noisy / row padding);
+* ``block_ids`` -- its diffusion block (prompt position ``p -> p // B``; response offset ``r`` of
+  either copy ``-> ceil(P / B) + r // B``);
+* ``doc_ids`` -- which packed sample of the row it belongs to (row padding: ``-1``).
+
+:func:`mask_mod_fn` is the *only* place where the visibility rule is written down. The dense
+additive mask (:func:`dense_attention_mask`, CPU / SDPA reference path), the boolean matrix
+(:func:`visibility`) and the FlexAttention ``BlockMask`` (:func:`flex_block_mask`) are all obtained
+by evaluating that one closure, so they cannot drift apart.
+
+This module depends on torch and the standard library only.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "TokenType",
+    "PAD_DOC_ID",
+    "sample_layout",
+    "pack_layouts",
+    "mask_mod_fn",
+    "visibility",
+    "dense_attention_mask",
+    "flex_block_mask",
+]
+
+#: document id given to row padding by :func:`pack_layouts`
+PAD_DOC_ID = -1
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TokenType(enum.IntEnum):
+    """Role of a token in a training row."""
+
+    PROMPT = 0
+    CLEAN = 1
+    NOISY = 2
+    PAD = 3
+
+
+def sample_layout(prompt_len: int, response_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout of one sample ``[prompt (P) | clean response (R) | noisy response (R)]``.
+
+    ``response_len`` must already be a multiple of ``block_size`` (the response is right-padded with
+    the block-padding token beforehand).
+
+    Returns:
+        ``(token_type, block_ids)``, both int64 of shape ``[P + 2R]``. Prompt position ``p`` gets block
+        ``p // B`` (the last prompt block may be partial); response offset ``r`` (clean or noisy copy)
+        gets block ``ceil(P / B) + r // B``.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if prompt_len < 0 or response_len < 0:
+        raise ValueError(f"lengths must be >= 0, got prompt_len={prompt_len}, response_len={response_len}")
+    if response_len % block_size != 0:
+        raise ValueError(
+            f"response_len ({response_len}) must be a multiple of block_size ({block_size}); "
+            "pad the response with the block-padding token first"
+        )
+    num_prompt_blocks = math.ceil(prompt_len / block_size)
+    prompt_blocks = torch.arange(prompt_len, dtype=torch.int64) // block_size
+    response_blocks = num_prompt_blocks + torch.arange(response_len, dtype=torch.int64) // block_size
+    block_ids = torch.cat([prompt_blocks, response_blocks, response_blocks])
+    token_type = torch.cat(
+        [
+            torch.full((prompt_len,), int(TokenType.PROMPT), dtype=torch.int64),
+            torch.full((response_len,), int(TokenType.CLEAN), dtype=torch.int64),
+            torch.full((response_len,), int(TokenType.NOISY), dtype=torch.int64),
+        ]
+    )
+    return token_type, block_ids
+
+
+def pack_layouts(
+    layouts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    total_len: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate per-sample layouts into one packed row.
+
+    Args:
+        layouts: ``(token_type [L_i], block_ids [L_i])`` per sample, e.g. from :func:`sample_layout`.
+            Each sample keeps its own block numbering.
+        total_len: row length; the tail is filled with ``TokenType.PAD`` (block id 0, doc id
+            :data:`PAD_DOC_ID`). ``None`` means no padding.
+
+    Returns:
+        ``(token_type, block_ids, doc_ids)``, int64 ``[total_len]``; sample ``i`` gets doc id ``i``.
+    """
+    types, blocks, docs = [], [], []
+    for i, (tt, bid) in enumerate(layouts):
+        tt = torch.as_tensor(tt, dtype=torch.int64).reshape(-1)
+        bid = torch.as_tensor(bid, dtype=torch.int64).reshape(-1)
+        if tt.shape != bid.shape:
+            raise ValueError(f"layout {i}: token_type {tuple(tt.shape)} and block_ids {tuple(bid.shape)} differ")
+        types.append(tt)
+        blocks.append(bid)
+        docs.append(torch.full_like(tt, i))
+    used = sum(int(t.numel()) for t in types)
+    if total_len is None:
+        total_len = used
+    if total_len < used:
+        raise ValueError(f"packed samples need {used} positions but total_len is {total_len}")
+    pad = total_len - used
+    types.append(torch.full((pad,), int(TokenType.PAD), dtype=torch.int64))
+    blocks.append(torch.zeros(pad, dtype=torch.int64))
+    docs.append(torch.full((pad,), PAD_DOC_ID, dtype=torch.int64))
+    return torch.cat(types), torch.cat(blocks), torch.cat(docs)
+
+
+def _as_batched(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Make every per-token tensor int64 ``[batch, L]`` (a 1-D ``[L]`` input becomes batch 1)."""
+    out = []
+    for x in tensors:
+        x = torch.as_tensor(x)
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if x.dim() != 2:
+            raise ValueError(f"expected per-token tensors of shape [batch, L] or [L], got {tuple(x.shape)}")
+        out.append(x.to(torch.int64))
+    if any(x.shape != out[0].shape for x in out):
+        raise ValueError(f"token_type/block_ids/doc_ids shapes differ: {[tuple(x.shape) for x in out]}")
+    return out
+
+
+def mask_mod_fn(
+    token_type: torch.Tensor,
+    block_ids: torch.Tensor,
+    doc_ids: torch.Tensor,
+    legacy_clean_sees_noisy: bool = False,
+) -> MaskMod:
+    """Return the FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` of the visibility rule.
+
+    The closure indexes the per-token tensors (``[batch, L]`` int; ``[L]`` is taken as batch 1) and
+    works both on scalar indices (FlexAttention, under ``vmap``) and on broadcastable index grids.
+    Query ``q`` sees key ``k`` iff they share a doc id and
+
+    * ``q`` PROMPT/CLEAN: ``k`` PROMPT/CLEAN with ``block(k) <= block(q)``;
+    * ``q`` NOISY: ``k`` PROMPT (any block), CLEAN with ``block(k) < block(q)``, or NOISY with
+      ``block(k) == block(q)``;
+    * ``legacy_clean_sees_noisy``: additionally ``q`` CLEAN sees NOISY ``k`` with ``block(k) <= block(q)``
+      (the published training mask);
+    * PAD keys are seen by nobody, except that a PAD query sees itself (no all-masked rows).
+    """
+    tt, bid, doc = _as_batched(token_type, block_ids, doc_ids)
+    prompt, clean, noisy, pad = (int(TokenType.PROMPT), int(TokenType.CLEAN), int(TokenType.NOISY), int(TokenType.PAD))
+    legacy = bool(legacy_clean_sees_noisy)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        q_type, k_type = tt[b, q_idx], tt[b, kv_idx]
+        q_block, k_block = bid[b, q_idx], bid[b, kv_idx]
+        same_doc = doc[b, q_idx] == doc[b, kv_idx]
+
+        q_context = (q_type == prompt) | (q_type == clean)
+        k_context = (k_type == prompt) | (k_type == clean)
+        context_rule = q_context & k_context & (k_block <= q_block)
+
+        noisy_rule = (q_type == noisy) & (
+            (k_type == prompt)
+            | ((k_type == clean) & (k_block < q_block))
+            | ((k_type == noisy) & (k_block == q_block))
+        )
+        allowed = context_rule | noisy_rule
+        if legacy:
+            allowed = allowed | ((q_type == clean) & (k_type == noisy) & (k_block <= q_block))
+
+        pad_self = (q_type == pad) & (q_idx == kv_idx)
+        return (same_doc & allowed) | pad_self
+
+    return mask_mod
+
+
+def visibility(
+    token_type: torch.Tensor,
+    block_ids: torch.Tensor,
+    doc_ids: torch.Tensor,
+    *,
+    legacy_clean_sees_noisy: bool = False,
+) -> torch.Tensor:
+    """Boolean visibility ``[batch, L, L]`` (``[b, q, k]`` True = q may attend to k).
+
+    Computed by evaluating :func:`mask_mod_fn` on broadcast index grids (no Python loop over ``L``).
+    """
+    tt, bid, doc = _as_batched(token_type, block_ids, doc_ids)
+    mask_mod = mask_mod_fn(tt, bid, doc, legacy_clean_sees_noisy)
+    batch, length = tt.shape
+    device = tt.device
+    b = torch.arange(batch, device=device).view(batch, 1, 1)
+    q = torch.arange(length, device=device).view(1, length, 1)
+    k = torch.arange(length, device=device).view(1, 1, length)
+    h = torch.zeros((), dtype=torch.int64, device=device)
+    out = mask_mod(b, h, q, k)
+    return out.expand(batch, length, length)
+
+
+def dense_attention_mask(
+    token_type: torch.Tensor,
+    block_ids: torch.Tensor,
+    doc_ids: torch.Tensor,
+    *,
+    legacy_clean_sees_noisy: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Additive attention mask ``[batch, 1, L, L]`` for SDPA / eager attention.
+
+    ``0.0`` where visible, ``torch.finfo(dtype).min`` where not. Derived from :func:`visibility`.
+    """
+    vis = visibility(token_type, block_ids, doc_ids, legacy_clean_sees_noisy=legacy_clean_sees_noisy)
+    mask = torch.zeros(vis.shape, dtype=dtype, device=vis.device)
+    mask.masked_fill_(~vis, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def flex_block_mask(
+    token_type: torch.Tensor,
+    block_ids: torch.Tensor,
+    doc_ids: torch.Tensor,
+    *,
+    legacy_clean_sees_noisy: bool = False,
+    num_heads: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    block_size_tokens: int = 128,
+):
+    """Block-sparse FlexAttention ``BlockMask`` of shape ``[batch, num_heads or 1, L, L]``.
+
+    Built with ``torch.nn.attention.flex_attention.create_block_mask`` from :func:`mask_mod_fn`
+    (works with ``device="cpu"`` too). ``L`` need not be a multiple of ``block_size_tokens``: the
+    per-token tensors are padded internally with PAD tokens so that indices of the last, partial tile
+    stay in range; the mask is created with the true length and padded positions are visible to no
+    real token, so results do not change.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tt, bid, doc = _as_batched(token_type, block_ids, doc_ids)
+    device = torch.device(device) if device is not None else tt.device
+    batch, length = tt.shape
+    padded = -(-max(length, 1) // block_size_tokens) * block_size_tokens
+    extra = padded - length
+    if extra:
+        tt = torch.cat([tt, tt.new_full((batch, extra), int(TokenType.PAD))], dim=1)
+        bid = torch.cat([bid, bid.new_zeros((batch, extra))], dim=1)
+        doc = torch.cat([doc, doc.new_full((batch, extra), PAD_DOC_ID)], dim=1)
+    mask_mod = mask_mod_fn(tt.to(device), bid.to(device), doc.to(device), legacy_clean_sees_noisy)
+    return create_block_mask(
+        mask_mod,
+        B=batch,
+        H=num_heads,
+        Q_LEN=length,
+        KV_LEN=length,
+        device=device,
+        BLOCK_SIZE=block_size_tokens,
+    )
