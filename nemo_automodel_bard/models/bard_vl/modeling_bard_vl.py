@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 #: Name under which the FlexAttention forward is registered for the text tower (HF's Qwen3-VL
 #: refuses ``attn_implementation="flex_attention"``; a custom name passes its checks).
-FLEX_ATTENTION_NAME = "bard_flex_attention"
+FLEX_ATTENTION_NAME = "bard_flexattn"  # must not contain "flex_attention" (HF gates that name)
 AttentionInterface.register(FLEX_ATTENTION_NAME, flex_attention_forward)
 
 
@@ -317,6 +317,17 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
             attentions=outputs.attentions,
             rope_deltas=None,
         )
+
+    # ------------------------------------------------------------------ training
+    def diffusion_loss(self, batch: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Block-diffusion training loss of a collated batch: ``(loss, metrics)``.
+
+        Delegates to :func:`nemo_automodel_bard.models.bard_vl.training.diffusion_training_loss`
+        (keyword arguments ``attention``, ``legacy_clean_sees_noisy``, ``reduction``, ``denominator``).
+        """
+        from .training import diffusion_training_loss
+
+        return diffusion_training_loss(self, batch, **kwargs)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
