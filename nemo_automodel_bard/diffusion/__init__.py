@@ -8,6 +8,7 @@ from .masks import (
     flex_block_mask,
     mask_mod_fn,
     pack_layouts,
+    reblock,
     sample_layout,
     visibility,
 )
@@ -28,6 +29,7 @@ from .noise import (
 )
 
 __all__ = [
+    "reblock",
     # masks
     "TokenType",
     "PAD_DOC_ID",

@@ -29,6 +29,7 @@ __all__ = [
     "PAD_DOC_ID",
     "sample_layout",
     "pack_layouts",
+    "reblock",
     "mask_mod_fn",
     "visibility",
     "dense_attention_mask",
@@ -82,6 +83,42 @@ def sample_layout(prompt_len: int, response_len: int, block_size: int) -> tuple[
         ]
     )
     return token_type, block_ids
+
+
+def reblock(token_type: torch.Tensor, doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block ids of the same rows for another block size (e.g. a small-block teacher's view).
+
+    Recovers each token's prompt index / response offset within its document from ``token_type``
+    and ``doc_ids`` (``[batch, L]`` or ``[L]``; documents are contiguous runs laid out as
+    ``[prompt | clean | noisy]``), then applies :func:`sample_layout`'s rule with ``block_size``.
+    Padding tokens get block 0.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    squeeze = token_type.ndim == 1
+    token_type, doc_ids = (token_type[None], doc_ids[None]) if squeeze else (token_type, doc_ids)
+    length = token_type.shape[-1]
+    new_run = torch.ones_like(token_type, dtype=torch.bool)
+    new_run[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    index = torch.arange(length, device=token_type.device).expand_as(token_type)
+    run_start = torch.cummax(torch.where(new_run, index, torch.zeros_like(index)), dim=-1).values
+
+    def offset_in_run(kind: TokenType) -> torch.Tensor:
+        is_kind = (token_type == int(kind)).long()
+        before = is_kind.cumsum(-1) - is_kind  # count strictly before each token
+        return before - before.gather(-1, run_start)
+
+    prompt_offset = offset_in_run(TokenType.PROMPT)
+    is_prompt = token_type == int(TokenType.PROMPT)
+    # every prompt token of a document precedes its response, so for a response token the
+    # document's prompt length is the number of prompt tokens seen since the run started
+    prompt_len = prompt_offset + is_prompt.long()
+    first_response_block = (prompt_len + block_size - 1) // block_size
+    out = torch.where(is_prompt, prompt_offset // block_size, torch.zeros_like(token_type))
+    for kind in (TokenType.CLEAN, TokenType.NOISY):
+        is_kind = token_type == int(kind)
+        out = torch.where(is_kind, first_response_block + offset_in_run(kind) // block_size, out)
+    return out[0] if squeeze else out
 
 
 def pack_layouts(
