@@ -1,6 +1,13 @@
 """Pure-torch block-diffusion core: attention masks, noise and losses (no transformers / NeMo)."""
 
-from .losses import REDUCTIONS, diffusion_ce_loss, diffusion_loss_weights, teacher_topk, topk_kd_loss
+from .losses import (
+    REDUCTIONS,
+    diffusion_ce_loss,
+    diffusion_loss_weights,
+    reduce_token_losses,
+    teacher_topk,
+    topk_kd_loss,
+)
 from .masks import (
     PAD_DOC_ID,
     TokenType,
@@ -55,6 +62,7 @@ __all__ = [
     "ordinary_token_ids",
     # losses
     "REDUCTIONS",
+    "reduce_token_losses",
     "diffusion_loss_weights",
     "diffusion_ce_loss",
     "teacher_topk",

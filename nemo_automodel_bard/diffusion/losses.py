@@ -31,6 +31,7 @@ from .noise import LinearSchedule, NoiseSchedule
 
 __all__ = [
     "REDUCTIONS",
+    "reduce_token_losses",
     "diffusion_loss_weights",
     "diffusion_ce_loss",
     "teacher_topk",
@@ -103,6 +104,22 @@ def _reduce(
     per_sample = sums[has_loss] / normalizer[has_loss].clamp_min(1e-12)
     count = has_loss.sum() if denominator is None else denominator
     return per_sample.sum() / torch.as_tensor(count, dtype=torch.float32, device=per_token.device).clamp_min(1e-12)
+
+
+def reduce_token_losses(
+    per_token: torch.Tensor,
+    reduction: str = "sample_mean",
+    sample_index: Optional[torch.Tensor] = None,
+    normalizer: Optional[torch.Tensor] = None,
+    denominator: Optional[Number] = None,
+) -> torch.Tensor:
+    """Reduce already-weighted per-position losses ``[M]`` exactly as :func:`diffusion_ce_loss` does.
+
+    ``diffusion_ce_loss(..., reduction=r)`` equals
+    ``reduce_token_losses(diffusion_ce_loss(..., reduction="none"), r, sample_index, normalizer)``;
+    useful when the per-position values are also needed (e.g. for logging) without a second softmax.
+    """
+    return _reduce(per_token.float(), reduction, sample_index, normalizer, denominator)
 
 
 def diffusion_ce_loss(
