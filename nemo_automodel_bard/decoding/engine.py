@@ -16,8 +16,9 @@ Algorithm (DESIGN §1) with our improvements (DESIGN §2):
 
 Batching: prompts may be left- (or right-) padded; padding keys are masked, positions are per
 sample (Qwen3-VL's rope index on the unpadded prompt), each sample stops on its own EOS, and a
-sample's output does not depend on what else is in the batch. The only host synchronisation per
-step is the "is this block finished" check.
+sample's output does not depend on what else is in the batch (every per-sample decision — commits,
+revisions, when a block is done — is taken from that sample's own tensors). The only host
+synchronisation per denoising step is the "is this block finished for everyone" check.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .unmasking import UnmaskingRule, propose_tokens, select_commits, transfer_schedule
 
@@ -42,6 +44,7 @@ _MODEL_INPUT_KEYS = (
 )
 _IGNORED_INPUT_KEYS = ("token_type_ids", "second_per_grid_ts", "video_metadata")
 
+#: ``f(block_index, tokens [batch, B], finished [batch])``, called after every block.
 BlockCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -71,16 +74,19 @@ class DecodingOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is None or self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
-        if self.top_p is None or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.temperature is None or not math.isfinite(float(self.temperature)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is None or isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.top_p is None or not 0 < float(self.top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
         if self.confidence_threshold is None or not math.isfinite(float(self.confidence_threshold)):
-            raise ValueError(f"confidence_threshold must be a number, got {self.confidence_threshold!r}")
-        if self.max_revision_steps < 0:
-            raise ValueError(f"max_revision_steps must be >= 0, got {self.max_revision_steps!r}")
+            raise ValueError(f"confidence_threshold must be a finite number, got {self.confidence_threshold!r}")
+        if self.revision_threshold is None or not math.isfinite(float(self.revision_threshold)):
+            raise ValueError(f"revision_threshold must be a finite number, got {self.revision_threshold!r}")
+        if isinstance(self.max_revision_steps, bool) or not isinstance(self.max_revision_steps, int) or self.max_revision_steps < 0:
+            raise ValueError(f"max_revision_steps must be an integer >= 0, got {self.max_revision_steps!r}")
+        self.top_k = int(self.top_k)
         self.rule = UnmaskingRule.parse(self.remasking_strategy)
 
 
@@ -100,7 +106,17 @@ def _first(*values: Any) -> Any:
 
 
 def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> DecodingOptions:
-    """Merge explicit arguments with the checkpoint's generation config and Bard defaults."""
+    """Merge explicit arguments with the checkpoint's generation config and Bard defaults.
+
+    Precedence: explicit argument, then ``generation_config`` (or ``model.generation_config``:
+    ``block_size``, ``denoising_steps``, ``remasking_strategy``, ``confidence_threshold``,
+    ``max_new_tokens``, EOS/pad ids and — only when ``do_sample`` is set — ``temperature``,
+    ``top_k``, ``top_p``), then ``model.config.block_size`` and the package defaults.
+
+    Raises:
+        ValueError: naming the offending option (mask id missing or outside the vocabulary, no
+            EOS id, non-positive sizes, ``top_p`` outside (0, 1], unknown rule, ...).
+    """
     from nemo_automodel_bard.models.bard_vl.configuration_bard_vl import DEFAULT_DECODING
 
     config = model.config
@@ -110,23 +126,32 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
         return getattr(gen, name, None) if gen is not None else None
 
     sampling = bool(from_gen("do_sample"))
-    block_size = _first(given.get("block_size"), from_gen("block_size"), getattr(config, "block_size", None))
+    block_size = _first(
+        given.get("block_size"), from_gen("block_size"), getattr(config, "block_size", None), DEFAULT_DECODING["block_size"]
+    )
     mask_token_id = _first(given.get("mask_token_id"), getattr(config, "mask_token_id", None), from_gen("mask_token_id"))
     vocab = config.text_config.vocab_size
     if mask_token_id is None:
-        raise ValueError("no mask token id: set config.mask_token_id (Bard-VL checkpoints store it) or pass mask_token_id=")
-    if not 0 <= int(mask_token_id) < vocab:
-        raise ValueError(f"mask_token_id={mask_token_id} is outside the vocabulary (size {vocab})")
-    eos = _first(given.get("eos_token_id"), from_gen("eos_token_id"), getattr(config, "eos_token_id", None),
-                 getattr(config.text_config, "eos_token_id", None))
+        raise ValueError(
+            "no mask token id: set config.mask_token_id (Bard-VL checkpoints store it) or pass mask_token_id="
+        )
+    if isinstance(mask_token_id, bool) or int(mask_token_id) != mask_token_id or not 0 <= int(mask_token_id) < vocab:
+        raise ValueError(f"mask_token_id={mask_token_id!r} is outside the vocabulary (text_config.vocab_size={vocab})")
+    eos = _first(
+        given.get("eos_token_id"),
+        from_gen("eos_token_id"),
+        getattr(config, "eos_token_id", None),
+        getattr(config.text_config, "eos_token_id", None),
+    )
     if eos is None:
         raise ValueError("no EOS token id in the arguments, generation config or model config")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
     pad = _first(given.get("pad_token_id"), from_gen("pad_token_id"), eos_ids[0])
+    steps_default = block_size if isinstance(block_size, int) else None
     return DecodingOptions(
         max_new_tokens=_first(given.get("max_new_tokens"), from_gen("max_new_tokens"), 256),
         block_size=block_size,
-        denoising_steps=_first(given.get("denoising_steps"), from_gen("denoising_steps"), block_size),
+        denoising_steps=_first(given.get("denoising_steps"), from_gen("denoising_steps"), steps_default),
         temperature=_first(given.get("temperature"), from_gen("temperature") if sampling else 0.0, 0.0),
         top_k=_first(given.get("top_k"), from_gen("top_k") if sampling else 0, 0),
         top_p=_first(given.get("top_p"), from_gen("top_p") if sampling else 1.0, 1.0),
@@ -139,8 +164,8 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
         mask_token_id=int(mask_token_id),
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
-        fused_commit=_first(given.get("fused_commit"), True),
-        revise=_first(given.get("revise"), False),
+        fused_commit=bool(_first(given.get("fused_commit"), True)),
+        revise=bool(_first(given.get("revise"), False)),
         revision_threshold=_first(given.get("revision_threshold"), 0.9),
         max_revision_steps=_first(given.get("max_revision_steps"), 2),
     )
@@ -164,51 +189,291 @@ def _model_inputs(inputs: Any, extra: Mapping[str, Any], device: torch.device) -
     out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in data.items() if k in _MODEL_INPUT_KEYS}
     if out["input_ids"].ndim == 1:
         out["input_ids"] = out["input_ids"].unsqueeze(0)
+        if isinstance(out.get("attention_mask"), torch.Tensor) and out["attention_mask"].ndim == 1:
+            out["attention_mask"] = out["attention_mask"].unsqueeze(0)
+    if out["input_ids"].ndim != 2 or out["input_ids"].shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len > 0, got {tuple(out['input_ids'].shape)}")
     return out
 
 
 class _MaskBuilder:
-    """Builds the additive (or BlockMask) attention masks of prefill and denoising forwards."""
+    """Attention masks of the prefill, denoising and commit forwards.
 
-    def __init__(self, model: Any, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+    Dense path (SDPA / eager): an additive float mask. Every key of the response is real, so a
+    denoising step's mask is one additive row per sample (``key_bias``: 0 for real keys, ``min``
+    for prompt padding) broadcast over the queries — a view, no allocation per step. Only the
+    fused first step of a block (clean queries must not see the noisy block) builds a mask.
+    FlexAttention path: a ``BlockMask`` from the boolean visibility.
+    """
+
+    def __init__(self, model: Any, key_valid: torch.Tensor, dtype: torch.dtype) -> None:
         self.flex = bool(getattr(model, "uses_flex_attention", False))
-        self.batch, self.device, self.dtype = batch, device, dtype
+        self.batch = key_valid.shape[0]
+        self.device, self.dtype = key_valid.device, dtype
+        self.min = torch.finfo(dtype).min
+        self.key_valid = key_valid  # [batch, prompt + response capacity]
+        self.key_bias = torch.zeros(key_valid.shape, dtype=dtype, device=self.device).masked_fill_(~key_valid, self.min)
+        self._tails: dict[tuple[int, int], torch.Tensor] = {}
 
-    def finish(self, visible: torch.Tensor) -> Any:
-        """``visible`` bool ``[batch, q, kv]`` -> model attention mask."""
-        if self.flex:
-            from torch.nn.attention.flex_attention import create_block_mask
+    def _tail(self, n_clean: int, block: int) -> torch.Tensor:
+        """The noisy block's key columns of a fused step: hidden from clean queries, seen by noisy ones."""
+        key = (n_clean, block)
+        if key not in self._tails:
+            tail = torch.zeros(self.batch, 1, n_clean + block, block, dtype=self.dtype, device=self.device)
+            tail[:, :, :n_clean] = self.min
+            self._tails[key] = tail
+        return self._tails[key]
 
-            dense = visible
+    def _flex(self, visible: torch.Tensor) -> Any:
+        from torch.nn.attention.flex_attention import create_block_mask
 
-            def mask_mod(b, h, q, kv):  # noqa: ANN001 - FlexAttention signature
-                return dense[b, q, kv]
+        dense = visible
 
-            return create_block_mask(
-                mask_mod, self.batch, None, visible.shape[1], visible.shape[2], device=str(self.device)
-            )
-        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return additive.masked_fill_(~visible, torch.finfo(self.dtype).min).unsqueeze(1)
+        def mask_mod(b, h, q, kv):  # noqa: ANN001 - FlexAttention signature
+            return dense[b, q, kv]
+
+        return create_block_mask(mask_mod, self.batch, None, visible.shape[1], visible.shape[2], device=str(self.device))
 
     def prefill(self, valid: torch.Tensor, prompt_block: torch.Tensor) -> Any:
-        """Block-causal prompt mask: valid keys of the same or an earlier prompt block."""
+        """Block-causal prompt mask: valid keys of the same or an earlier prompt block.
+
+        Padding queries see themselves (their outputs are never used; this keeps SDPA NaN-free).
+        """
         visible = valid[:, None, :] & (prompt_block[:, None, :] <= prompt_block[:, :, None])
         visible |= torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)[None]
-        return self.finish(visible)
+        if self.flex:
+            return self._flex(visible)
+        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return additive.masked_fill_(~visible, self.min).unsqueeze(1)
 
-    def step(self, cache_valid: torch.Tensor, n_clean: int, block: int) -> Any:
-        """Queries ``[clean block (n_clean) | noisy block]`` over keys ``[cache | clean | noisy]``."""
-        b, cached = cache_valid.shape
+    def step(self, cached: int, n_clean: int, block: int) -> Any:
+        """Queries ``[clean block (n_clean) | noisy block (block)]`` over keys ``[cache | clean | noisy]``.
+
+        Clean queries see the cache and the clean block (not the noisy one); noisy queries see
+        everything (the training mask). ``block = 0`` gives the separate commit forward's mask.
+        """
         q, kv = n_clean + block, cached + n_clean + block
-        visible = torch.zeros(b, q, kv, dtype=torch.bool, device=cache_valid.device)
-        visible[:, :, :cached] = cache_valid[:, None, :]
-        visible[:, :, cached : cached + n_clean] = True
-        visible[:, n_clean:, cached + n_clean :] = True
-        return self.finish(visible)
+        if self.flex:
+            visible = self.key_valid[:, None, :kv].expand(self.batch, q, kv).clone()
+            visible[:, :n_clean, cached + n_clean :] = False
+            return self._flex(visible)
+        if n_clean and block:
+            seen = self.key_bias[:, None, None, : cached + n_clean].expand(self.batch, 1, q, cached + n_clean)
+            return torch.cat([seen, self._tail(n_clean, block)], dim=-1)
+        return self.key_bias[:, None, None, :kv].expand(self.batch, 1, q, kv)
 
 
-def _forward(model: Any, **kwargs: Any) -> torch.Tensor:
-    return model(**kwargs).logits
+def _drop_last(cache: Any, n: int) -> None:
+    """Remove the last ``n`` positions of every layer (``DynamicCache.crop(-n)`` without its overhead)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        cache.crop(-n)  # other layer types (sliding window, offloaded, ...) know best
+        return
+    for layer in layers:
+        keep = layer.keys.shape[-2] - n
+        layer.keys = layer.keys[:, :, :keep]
+        layer.values = layer.values[:, :, :keep]
+
+
+class _BlockDecoder:
+    """State of one ``generate`` call: the KV cache, which cache keys are real, masks, counters."""
+
+    def __init__(
+        self,
+        model: Any,
+        data: dict[str, Any],
+        opts: DecodingOptions,
+        device: torch.device,
+        dtype: torch.dtype,
+        generator: torch.Generator | None,
+    ) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.data, self.opts, self.device, self.generator = model, data, opts, device, generator
+        input_ids = data["input_ids"]
+        self.batch, self.prompt_len = input_ids.shape
+        self.B = B = opts.block_size
+        self.num_blocks = math.ceil(opts.max_new_tokens / B)
+        self.schedule = transfer_schedule(B, opts.denoising_steps)
+        self.rule = opts.rule
+        self.cache = DynamicCache(config=model.config.text_config)
+        self.eos = torch.tensor(opts.eos_token_ids, device=device)
+        self.arange_b = torch.arange(B, device=device)
+        self.mask_block = torch.full((self.batch, B), opts.mask_token_id, dtype=torch.long, device=device)
+        self.pad_block = torch.full((self.batch, B), opts.pad_token_id, dtype=torch.long, device=device)
+        valid = data.get("attention_mask")
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+        if valid.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(valid.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        if not bool(valid.any(-1).all()):
+            raise ValueError("every prompt needs at least one non-padding token")
+        self.valid = valid
+        # which cache keys are real: the prompt's padding is not; every response key is
+        total = self.prompt_len + self.num_blocks * B
+        self.key_valid = torch.ones(self.batch, total, dtype=torch.bool, device=device)
+        self.key_valid[:, : self.prompt_len] = valid
+        self.cached = 0  # number of keys in the cache
+        self.masks = _MaskBuilder(model, self.key_valid, dtype)
+        self.forwards = {"prefill": 0, "denoise": 0, "commit": 0}
+        self.revision_forwards = torch.zeros((), dtype=torch.long, device=device)
+        self._empty = torch.empty(0, dtype=torch.long, device=device)
+        # flat logits rows of the noisy block, for q = B (separate) and q = 2B (fused first step)
+        rows = torch.arange(self.batch, device=device)[:, None]
+        self.noisy_rows = {
+            0: (rows * B + self.arange_b).reshape(-1),
+            B: (rows * 2 * B + B + self.arange_b).reshape(-1),
+        }
+
+    # -------------------------------------------------------------------------------- forwards
+    def prefill(self) -> None:
+        data, B = self.data, self.B
+        input_ids = data["input_ids"]
+        prompt_pos = self.model.position_ids_for(
+            input_ids,
+            mm_token_type_ids=data.get("mm_token_type_ids"),
+            image_grid_thw=data.get("image_grid_thw"),
+            video_grid_thw=data.get("video_grid_thw"),
+            attention_mask=self.valid.long(),
+        )
+        self.response_start = prompt_pos.masked_fill(~self.valid[None], -1).amax(dim=(0, 2)) + 1  # [batch]
+        offsets = torch.arange(self.num_blocks * B, device=self.device)
+        self.response_positions = self.response_start[:, None] + offsets  # [batch, capacity]
+        prompt_block = (self.valid.long().cumsum(-1) - 1).clamp_min(0) // B
+        self.model(
+            input_ids=input_ids,
+            attention_mask=self.masks.prefill(self.valid, prompt_block),
+            position_ids=prompt_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            pixel_values=data.get("pixel_values"),
+            pixel_values_videos=data.get("pixel_values_videos"),
+            image_grid_thw=data.get("image_grid_thw"),
+            video_grid_thw=data.get("video_grid_thw"),
+            mm_token_type_ids=data.get("mm_token_type_ids"),
+            logits_positions=self._empty,
+        )
+        self.forwards["prefill"] += 1
+        self.cached = self.prompt_len
+
+    def positions(self, k: int) -> torch.Tensor:
+        """Response positions ``[batch, B]`` of block ``k`` (text positions continue after the prompt)."""
+        return self.response_positions[:, k * self.B : (k + 1) * self.B]
+
+    def commit(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """The published separate commit forward: write a finished block's K/V, no logits."""
+        B = self.B
+        self.model(
+            input_ids=tokens,
+            attention_mask=self.masks.step(self.cached, B, 0),
+            position_ids=positions[None].expand(3, self.batch, B),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_positions=self._empty,
+        )
+        self.forwards["commit"] += 1
+        self.cached += B
+
+    def steps_per_sample(self, histories: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Denoising steps per block and sample ``[batch, blocks]`` from the per-step histories (a few ops in all)."""
+        block_of_step = torch.tensor([k for k, h in enumerate(histories) for _ in h], device=self.device)
+        flat = torch.stack([t for h in histories for t in h])  # [steps, batch(, B)]
+        working = flat if self.opts.revise else flat.any(-1)
+        counts = torch.zeros(len(histories), self.batch, dtype=torch.long, device=self.device)
+        return counts.index_add_(0, block_of_step, working.long()).T
+
+    # -------------------------------------------------------------------------------- inner loop
+    def denoise_block(
+        self,
+        k: int,
+        finished: torch.Tensor,
+        pending: torch.Tensor | None,
+        record: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """Denoise block ``k``; ``pending`` = tokens of the finished block ``k - 1`` to write first (fused).
+
+        Everything here is batched tensor work — about a dozen small ops per step besides the
+        forward; the only host sync is the "anyone still working on this block" check.
+
+        Returns:
+            ``(tokens [batch, B], history, committed_at [batch, B] | None, confidence [batch, B] | None)``:
+            ``history`` holds one tensor per step telling which samples were still working (masked
+            positions ``[batch, B]``, or ``[batch]`` with revision; see :meth:`steps_per_sample`);
+            the last two only with ``record``.
+        """
+        opts, B, batch, rule = self.opts, self.B, self.batch, self.rule
+        model, cache, masks, revise = self.model, self.cache, self.masks, opts.revise
+        block = torch.where(finished[:, None], self.pad_block, self.mask_block)
+        masked = ~finished[:, None].expand(batch, B)
+        active = ~finished if revise else None
+        positions = self.positions(k)
+        committed_at = confidence = None
+        if record:
+            committed_at = torch.full((batch, B), -1, dtype=torch.long, device=self.device)
+            confidence = torch.zeros(batch, B, dtype=torch.float32, device=self.device)
+        extra = torch.zeros(batch, dtype=torch.long, device=self.device) if revise else None
+        history: list[torch.Tensor] = []  # per step: who was still working (steps per sample, summed at the end)
+        n_clean = B if pending is not None else 0
+        mask = masks.step(self.cached, n_clean, B)
+        pos_ids = positions[None].expand(3, batch, B)
+        if pending is not None:
+            tokens_in = torch.cat([pending, block], dim=1)
+            both = self.response_positions[:, (k - 1) * B : (k + 1) * B]  # blocks k-1 and k are adjacent
+            pos_in = both[None].expand(3, batch, 2 * B)
+        else:
+            tokens_in, pos_in = block, pos_ids
+        step = 0
+        while True:
+            logits = model(
+                input_ids=tokens_in,
+                attention_mask=mask,
+                position_ids=pos_in,
+                past_key_values=cache,
+                use_cache=True,
+                logits_positions=self.noisy_rows[n_clean],
+            ).logits.view(batch, B, -1)
+            self.forwards["denoise"] += 1
+            _drop_last(cache, B)  # drop the noisy block's K/V; a fused clean block's K/V stay
+            if n_clean:
+                self.cached += n_clean
+                n_clean = 0
+                mask = masks.step(self.cached, 0, B)
+                pos_in = pos_ids
+
+            proposal, score, prob = propose_tokens(
+                logits,
+                temperature=opts.temperature,
+                top_k=opts.top_k,
+                top_p=opts.top_p,
+                score=rule.score,
+                generator=self.generator,
+                suppress_token_id=opts.mask_token_id,
+            )
+            k_min = self.schedule[min(step, len(self.schedule) - 1)]
+            commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold)
+            if revise:
+                history.append(active)
+                had_masked = masked.any(-1)
+                self.revision_forwards += (~had_masked.any()).long()
+                extra += (active & ~had_masked).long()
+                revised = active[:, None] & ~masked & (proposal != block) & (prob > opts.revision_threshold)
+                update = commit | revised
+            else:
+                history.append(masked)
+                update = commit
+            block = torch.where(update, proposal, block)
+            if record:
+                committed_at = torch.where(update, step, committed_at)
+                confidence = torch.where(update, score, confidence)
+            masked = masked ^ commit  # commit is a subset of masked
+            step += 1
+            if revise:
+                active = masked.any(-1) | (revised.any(-1) & (extra < opts.max_revision_steps))
+                working = active.any()
+            else:
+                working = masked.any()
+            if not bool(working):
+                return block, history, committed_at, confidence
+            tokens_in = block
 
 
 def block_diffusion_generate(
@@ -240,9 +505,10 @@ def block_diffusion_generate(
     """Decode a batch block by block. Returns ids ``[batch, new]`` or ``(ids, stats)``.
 
     Args:
-        model: a :class:`BardVLForConditionalGeneration` (any model with its forward contract).
+        model: a :class:`BardVLForConditionalGeneration` (any model with its forward contract:
+            4-D additive masks, ``position_ids_for``, ``logits_positions``).
         inputs: the processor's ``BatchFeature`` (``input_ids``, ``attention_mask``, pixel inputs,
-            ``mm_token_type_ids``) or an ``input_ids`` tensor.
+            ``mm_token_type_ids``) or an ``input_ids`` tensor. Left or right padding both work.
         max_new_tokens, block_size, denoising_steps, temperature, top_k, top_p,
         remasking_strategy, confidence_threshold: as in the published API; ``None`` takes the
             value from ``generation_config`` / ``model.generation_config``, then the defaults.
@@ -251,11 +517,22 @@ def block_diffusion_generate(
             ``tokens_per_forward``, ...), every forward counted and tokens counted up to EOS.
         fused_commit: write a finished block's K/V in the next block's first forward (default).
         revise: allow replacing committed tokens of the current block when the model now prefers
-            another token with probability above ``revision_threshold``; at most
-            ``max_revision_steps`` extra forwards per block.
-        block_callback: ``f(block_index, tokens [batch, B], finished [batch])`` after each block.
-        record_trajectory: store, per block, the step at which each position was committed.
+            another token with probability above ``revision_threshold``; a sample whose block is
+            complete gets at most ``max_revision_steps`` extra forwards per block for that.
+        mask_token_id, eos_token_id, pad_token_id: override the checkpoint's ids.
+        block_callback: ``f(block_index, tokens [batch, B], finished [batch])`` after each block
+            (streaming); ``tokens`` are what the output will hold (pad after EOS).
+        record_trajectory: store, per block, the step at which each position was committed and
+            the score it had (``stats["trajectory"]``; render with :mod:`.trajectory`).
         generator: random generator for sampling / the ``random`` rule (on the model's device).
+
+    Raises:
+        ValueError: bad option values (see :func:`resolve_options`) or inputs.
+
+    Example:
+        >>> ids, stats = block_diffusion_generate(model, batch, max_new_tokens=64, block_size=8,
+        ...                                       return_step_stats=True)   # doctest: +SKIP
+        >>> stats["forwards_total"], stats["tokens_per_forward"]            # doctest: +SKIP
     """
     if not hasattr(model, "config") or not hasattr(model.config, "text_config"):
         raise TypeError("block_diffusion_generate needs a Bard-VL model")
@@ -278,8 +555,8 @@ def block_diffusion_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     data = _model_inputs(inputs, model_inputs, device)
     started = time.perf_counter()
     with torch.no_grad():
@@ -302,146 +579,58 @@ def _decode(
     record_trajectory: bool,
     generator: torch.Generator | None,
 ) -> DecodingResult:
-    from transformers import DynamicCache
+    dec = _BlockDecoder(model, data, opts, device, dtype, generator)
+    batch, B = dec.batch, dec.B
+    dec.prefill()
 
-    input_ids = data["input_ids"]
-    batch, prompt_len = input_ids.shape
-    B = opts.block_size
-    valid = data.get("attention_mask")
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.to(torch.bool)
-    if not bool(valid.any(-1).all()):
-        raise ValueError("every prompt needs at least one non-padding token")
-    prompt_pos = model.position_ids_for(
-        input_ids,
-        mm_token_type_ids=data.get("mm_token_type_ids"),
-        image_grid_thw=data.get("image_grid_thw"),
-        video_grid_thw=data.get("video_grid_thw"),
-        attention_mask=valid.long(),
-    )
-    response_start = prompt_pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # [batch]
-    prompt_block = (valid.long().cumsum(-1) - 1).clamp_min(0) // B
-    masks = _MaskBuilder(model, batch, device, dtype)
-    cache = DynamicCache(config=model.config.text_config)
-    eos = torch.tensor(opts.eos_token_ids, device=device)
-    arange_b = torch.arange(B, device=device)
-    rule = opts.rule
-
-    forwards = {"prefill": 0, "denoise": 0, "commit": 0}
-    model(
-        input_ids=input_ids,
-        attention_mask=masks.prefill(valid, prompt_block),
-        position_ids=prompt_pos,
-        past_key_values=cache,
-        use_cache=True,
-        pixel_values=data.get("pixel_values"),
-        pixel_values_videos=data.get("pixel_values_videos"),
-        image_grid_thw=data.get("image_grid_thw"),
-        video_grid_thw=data.get("video_grid_thw"),
-        mm_token_type_ids=data.get("mm_token_type_ids"),
-        logits_positions=torch.empty(0, dtype=torch.long, device=device),
-    )
-    forwards["prefill"] += 1
-    cache_valid = valid.clone()
-
-    num_blocks = math.ceil(opts.max_new_tokens / B)
-    generated = torch.full((batch, num_blocks * B), opts.pad_token_id, dtype=torch.long, device=device)
+    blocks: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps_per_block: list[torch.Tensor] = []
-    trajectory: list[dict[str, torch.Tensor]] = []
-    schedule = transfer_schedule(B, opts.denoising_steps)
-    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # finished block (tokens, positions) not yet cached
-    blocks_done = 0
+    histories: list[list[torch.Tensor]] = []
+    trajectory: list[dict[str, Any]] = []
+    pending: torch.Tensor | None = None  # finished block not yet in the cache (fused commit)
 
-    for k in range(num_blocks):
-        block = torch.full((batch, B), opts.mask_token_id, dtype=torch.long, device=device)
-        block.masked_fill_(finished[:, None], opts.pad_token_id)
-        masked = ~finished[:, None].expand(batch, B).clone()
-        positions = response_start[:, None] + k * B + arange_b  # [batch, B]
-        committed_at = torch.full((batch, B), -1, dtype=torch.long, device=device)
-        sample_steps = torch.zeros(batch, dtype=torch.long, device=device)
-        step, extra_steps = 0, 0
-        while True:
-            if pending is not None:
-                tokens_q = torch.cat([pending[0], block], dim=1)
-                pos_q = torch.cat([pending[1], positions], dim=1)
-                n_clean = B
-            else:
-                tokens_q, pos_q, n_clean = block, positions, 0
-            q_len = n_clean + B
-            noisy_rows = (torch.arange(batch, device=device)[:, None] * q_len + n_clean + arange_b).reshape(-1)
-            logits = _forward(
-                model,
-                input_ids=tokens_q,
-                attention_mask=masks.step(cache_valid, n_clean, B),
-                position_ids=pos_q[None].expand(3, batch, q_len),
-                past_key_values=cache,
-                use_cache=True,
-                logits_positions=noisy_rows,
-            ).view(batch, B, -1)
-            forwards["denoise"] += 1
-            if n_clean:
-                cache_valid = torch.cat([cache_valid, torch.ones(batch, B, dtype=torch.bool, device=device)], 1)
-                pending = None
-            cache.crop(-B)  # drop the noisy block's K/V; keep the clean block's
-
-            proposal, score, prob = propose_tokens(
-                logits, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                score=rule.score, generator=generator,
-            )
-            was_masked = masked
-            sample_steps += was_masked.any(-1).long()
-            k_min = schedule[min(step, len(schedule) - 1)]
-            commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold)
-            revised = torch.zeros_like(commit)
-            if opts.revise:
-                revised = (~masked) & (~finished[:, None]) & (proposal != block) & (prob > opts.revision_threshold)
-            update = commit | revised
-            block = torch.where(update, proposal, block)
-            committed_at = torch.where(update, torch.full_like(committed_at, step), committed_at)
-            masked = masked & ~commit
-            step += 1
-            if bool(masked.any()):
-                continue
-            if opts.revise and extra_steps < opts.max_revision_steps and bool(revised.any()):
-                extra_steps += 1
-                continue
-            break
-
-        generated[:, k * B : (k + 1) * B] = block
-        steps_per_block.append(sample_steps)
+    for k in range(dec.num_blocks):
+        block, history, committed_at, confidence = dec.denoise_block(k, finished, pending, record_trajectory)
+        pending = None
+        is_eos = block == opts.eos_token_ids[0] if len(opts.eos_token_ids) == 1 else torch.isin(block, dec.eos)
+        if block_callback is not None or record_trajectory:
+            # what the output will hold: pad after a sample's first EOS (earlier-finished samples are pad already)
+            after = (is_eos.cumsum(-1) - is_eos.long()) > 0
+            block = block.masked_fill(after, opts.pad_token_id)
+        blocks.append(block)
+        histories.append(history)
         if record_trajectory:
-            trajectory.append({"block": k, "committed_at": committed_at.cpu(), "tokens": block.cpu()})
-        has_eos = torch.isin(block, eos).any(-1)
-        finished = finished | has_eos
-        blocks_done = k + 1
+            trajectory.append(
+                {
+                    "block": k,
+                    "committed_at": committed_at.cpu(),
+                    "confidence": confidence.cpu(),
+                    "tokens": block.cpu(),
+                    "active": (~finished).cpu(),
+                }
+            )
+        finished = finished | is_eos.any(-1)
         if block_callback is not None:
-            block_callback(k, block, finished.clone())
-        if k == num_blocks - 1 or bool(finished.all()):
+            block_callback(k, block.clone(), finished.clone())
+        if k == dec.num_blocks - 1 or bool(finished.all()):
             break
         if opts.fused_commit:
-            pending = (block, positions)
+            pending = block
         else:
-            model(
-                input_ids=block,
-                attention_mask=masks.step(cache_valid, B, 0),
-                position_ids=positions[None].expand(3, batch, B),
-                past_key_values=cache,
-                use_cache=True,
-                logits_positions=torch.empty(0, dtype=torch.long, device=device),
-            )
-            forwards["commit"] += 1
-            cache_valid = torch.cat([cache_valid, torch.ones(batch, B, dtype=torch.bool, device=device)], 1)
+            dec.commit(block, dec.positions(k))
 
-    generated = generated[:, : blocks_done * B][:, : opts.max_new_tokens]
-    is_eos = torch.isin(generated, eos)
+    blocks_done = len(blocks)
+    generated = torch.cat(blocks, dim=1)[:, : opts.max_new_tokens]
+    is_eos = torch.isin(generated, dec.eos)
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     generated = generated.masked_fill(after_eos, opts.pad_token_id)
     lengths = (~after_eos).sum(-1)  # tokens up to and including EOS
     width = int(lengths.max()) if batch else 0
     sequences = generated[:, :width]
 
+    forwards = dec.forwards
     total_forwards = sum(forwards.values())
-    block_steps = torch.stack(steps_per_block, dim=1).cpu() if steps_per_block else torch.zeros(batch, 0, dtype=torch.long)
+    block_steps = dec.steps_per_sample(histories).cpu()
     lengths_list = lengths.cpu().tolist()
     num_tokens = int(sum(lengths_list))
     stats: dict[str, Any] = {
@@ -455,10 +644,14 @@ def _decode(
         "prefill_forwards": forwards["prefill"],
         "denoising_forwards": forwards["denoise"],
         "commit_forwards": forwards["commit"],
+        "revision_forwards": int(dec.revision_forwards),
         "tokens_per_forward": num_tokens / max(batch * total_forwards, 1),
         "response_tokens_per_sample": lengths_list,
         "num_blocks": blocks_done,
         "block_size": B,
+        "denoising_steps": opts.denoising_steps,
+        "remasking_strategy": opts.remasking_strategy,
+        "confidence_threshold": float(opts.confidence_threshold),
         "fused_commit": opts.fused_commit,
     }
     if record_trajectory:
@@ -466,4 +659,4 @@ def _decode(
     return DecodingResult(sequences=sequences, stats=stats)
 
 
-__all__ = ["DecodingOptions", "DecodingResult", "block_diffusion_generate", "resolve_options"]
+__all__ = ["BlockCallback", "DecodingOptions", "DecodingResult", "block_diffusion_generate", "resolve_options"]

@@ -1,0 +1,1 @@
+"""The ``bard-vl`` Hydra pipeline chaining every stage (see :mod:`.app`)."""

@@ -1,0 +1,180 @@
+"""Held-out evaluation: accuracy, tokens per forward (every forward counted) and tokens/s.
+
+Diffusion models decode with :func:`nemo_automodel_bard.decoding.block_diffusion_generate`; the AR
+baseline decodes the same network causally with a KV cache
+(:func:`nemo_automodel_bard.decoding.autoregressive.ar_generate`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+
+@dataclass
+class EvalRecord:
+    """One held-out item: the prompt messages (without the answer) and the reference answer."""
+
+    messages: list[dict[str, Any]]
+    reference: str
+
+
+def _answer_text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if isinstance(item, dict))
+
+
+def records_from_chat(records: Iterable[dict[str, Any]]) -> list[EvalRecord]:
+    """Split chat records into (prompt messages, last assistant answer); broken records are skipped."""
+    out = []
+    for record in records:
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not messages:
+            continue
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            continue
+        out.append(EvalRecord(messages=list(messages[:last]), reference=_answer_text(messages[last])))
+    return out
+
+
+def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
+    """Held-out evaluation items for the configured data set (shapes: the held-out split)."""
+    kind = data_cfg.get("kind", "shapes")
+    if kind == "shapes":
+        from nemo_automodel_bard.data.chat_dataset import shapes_dataset
+
+        dataset = shapes_dataset(split="heldout", size=num_samples, seed=int(data_cfg.get("seed", 0)))
+        return records_from_chat(dataset[i] for i in range(len(dataset)))
+    path = data_cfg.get("eval_path")
+    if not path:
+        raise ValueError("data.eval_path is required to evaluate on chat-format data (held-out JSONL records)")
+    from nemo_automodel_bard.data.chat_dataset import ChatDataset
+
+    dataset = ChatDataset(path, image_root=data_cfg.get("root"), max_samples=num_samples)
+    return records_from_chat(dataset[i] for i in range(len(dataset)))
+
+
+def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    if data_kind == "shapes":
+        from nemo_automodel_bard.data.shapes import score
+
+        result = score(list(predictions), list(references))
+        return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"])}
+    matches = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
+    return {"accuracy": sum(matches) / max(len(matches), 1)}
+
+
+def _batches(records: Sequence[EvalRecord], size: int) -> Iterable[Sequence[EvalRecord]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
+
+
+def _encode(processor: Any, records: Sequence[EvalRecord]) -> Any:
+    from nemo_automodel_bard.data.collator import load_image
+
+    texts, images = [], []
+    for record in records:
+        texts.append(processor.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True))
+        for message in record.messages:
+            if isinstance(message.get("content"), list):
+                images += [load_image(item.get("image")) for item in message["content"]
+                           if isinstance(item, dict) and item.get("type") == "image"]
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    records: Sequence[EvalRecord],
+    *,
+    data_kind: str = "shapes",
+    mode: str = "diffusion",
+    block_size: int | None = None,
+    threshold: float = 0.9,
+    remasking_strategy: str = "low_confidence_dynamic",
+    denoising_steps: int | None = None,
+    batch_size: int = 25,
+    max_new_tokens: int = 64,
+    record_trajectory_of: int | None = None,
+) -> dict[str, Any]:
+    """Decode every record and score it.
+
+    Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``tokens_per_forward``
+    (response tokens up to EOS per sample per forward, prefill and every denoising forward counted),
+    ``tokens_per_second``, ``forwards``, ``n``, ``predictions`` and optionally ``trajectory``.
+    """
+    from transformers import AutoProcessor
+
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+    from nemo_automodel_bard.decoding import block_diffusion_generate
+    from nemo_automodel_bard.decoding.autoregressive import ar_generate
+
+    model = BardVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    block_size = int(block_size or model.config.block_size)
+    predictions: list[str] = []
+    tokens = sample_forwards = 0
+    elapsed = 0.0
+    trajectory = None
+    for batch_index, chunk in enumerate(_batches(records, batch_size)):
+        inputs = _encode(processor, chunk)
+        start = time.perf_counter()
+        if mode == "ar":
+            ids, stats = ar_generate(model, inputs, max_new_tokens, eos_token_id=model.config.eos_token_id)
+        else:
+            want_trajectory = record_trajectory_of is not None and batch_index == record_trajectory_of // batch_size
+            ids, stats = block_diffusion_generate(
+                model, inputs, max_new_tokens=max_new_tokens, block_size=block_size,
+                denoising_steps=denoising_steps or block_size, temperature=0.0, top_k=0, top_p=1.0,
+                remasking_strategy=remasking_strategy, confidence_threshold=threshold, return_step_stats=True,
+                record_trajectory=want_trajectory,
+            )
+            if want_trajectory:
+                trajectory = {"stats": stats, "sample": record_trajectory_of % batch_size}
+        elapsed += time.perf_counter() - start
+        predictions += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        tokens += int(stats["num_response_tokens"])
+        sample_forwards += int(stats["forwards_total"]) * len(chunk)
+    result: dict[str, Any] = _score(data_kind, predictions, [r.reference for r in records])
+    result.update(
+        n=len(records),
+        mode=mode,
+        block_size=block_size if mode != "ar" else 1,
+        threshold=threshold if mode != "ar" else None,
+        tokens_per_forward=tokens / max(sample_forwards, 1),
+        tokens_per_second=tokens / max(elapsed, 1e-9),
+        response_tokens=tokens,
+        predictions=[p.strip() for p in predictions],
+    )
+    if trajectory is not None:
+        result["trajectory"] = trajectory
+    return result
+
+
+def write_result(result: dict[str, Any], path: str | Path) -> Path:
+    """Write an evaluation result as JSON (tensors in a trajectory are converted to lists)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(convert(result), indent=2))
+    return path
+
+
+__all__ = ["EvalRecord", "evaluate_model", "heldout_records", "records_from_chat", "write_result"]

@@ -1,0 +1,208 @@
+"""The pipeline report: a table on stdout, ``report.md`` and PNG plots.
+
+Per model and threshold: held-out accuracy, tokens per forward (every forward counted, prefill
+included) and tokens/s, next to the AR model decoded autoregressively; loss curves per training
+stage (from NeMo's ``training.jsonl``); accuracy against tokens per forward; one rendered denoising
+trajectory of a held-out image; and the DESIGN §5 targets with what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TARGETS_TEXT = {
+    "ar_accuracy": "AR model held-out accuracy >= 95%",
+    "b32": "B=32 within 2 points of AR at threshold 0.9 with >= 6 tokens/forward",
+    "b16": "B=16 within 2 points of AR at threshold 0.9 with >= 5 tokens/forward",
+    "swd": "SWD students beat same-step students without KD",
+}
+
+
+def _load_entries(ctx: Any) -> list[dict[str, Any]]:
+    entries = []
+    for entry in ctx.outputs.get("evaluate", {}).get("entries", []):
+        path = Path(entry["result_file"])
+        if path.exists():
+            entries.append(json.loads(path.read_text()))
+    return entries
+
+
+def _row(result: dict[str, Any]) -> list[str]:
+    threshold = result.get("threshold")
+    return [
+        result["name"],
+        "AR" if result.get("mode") == "ar" else str(result.get("block_size")),
+        "-" if threshold is None else f"{threshold:g}",
+        f"{100 * result['accuracy']:.1f}",
+        f"{100 * result.get('field_accuracy', float('nan')):.1f}",
+        f"{result['tokens_per_forward']:.2f}",
+        f"{result['tokens_per_second']:.0f}",
+    ]
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    header = ["model", "B", "threshold", "exact match %", "field acc %", "tokens/forward", "tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_row(r)) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def _find(results: list[dict[str, Any]], name: str, threshold: float | None) -> dict[str, Any] | None:
+    for r in results:
+        if r["name"] == name and (threshold is None or r.get("threshold") == threshold):
+            return r
+    return None
+
+
+def check_targets(results: list[dict[str, Any]], default_threshold: float) -> list[tuple[str, str, bool | None]]:
+    """(target, what was measured, met?) for the DESIGN §5 / pipeline-issue targets."""
+    out: list[tuple[str, str, bool | None]] = []
+    ar = _find(results, "ar", None)
+    if ar is not None:
+        out.append((TARGETS_TEXT["ar_accuracy"], f"{100 * ar['accuracy']:.1f}%", ar["accuracy"] >= 0.95))
+    for block, minimum in ((32, 6.0), (16, 5.0)):
+        candidates = [r for r in results if r.get("block_size") == block and r.get("threshold") == default_threshold
+                      and r.get("mode") != "ar"]
+        if not candidates or ar is None:
+            continue
+        best = max(candidates, key=lambda r: (r["accuracy"], r["tokens_per_forward"]))
+        met = best["accuracy"] >= ar["accuracy"] - 0.02 and best["tokens_per_forward"] >= minimum
+        out.append((TARGETS_TEXT[f"b{block}"], f"{best['name']}: {100 * best['accuracy']:.1f}% "
+                    f"(AR {100 * ar['accuracy']:.1f}%), {best['tokens_per_forward']:.2f} tokens/forward", met))
+    for r in results:
+        if r["name"].startswith("swd_kd_b") and r.get("threshold") == default_threshold:
+            control = _find(results, r["name"].replace("swd_kd_", "swd_ce_"), default_threshold)
+            if control is None:
+                continue
+            met = r["accuracy"] > control["accuracy"] and r["tokens_per_forward"] >= control["tokens_per_forward"] - 1e-9
+            out.append((TARGETS_TEXT["swd"] + f" (B={r['block_size']})",
+                        f"KD {100 * r['accuracy']:.1f}% @ {r['tokens_per_forward']:.2f} vs no-KD "
+                        f"{100 * control['accuracy']:.1f}% @ {control['tokens_per_forward']:.2f}", met))
+    return out
+
+
+def _loss_curves(ctx: Any) -> dict[str, list[tuple[int, float]]]:
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for stage in ("ar_pretrain", "pbm", "swd"):
+        for key, value in ctx.outputs.get(stage, {}).items():
+            if not (key.endswith("_log") or key == "log_dir"):
+                continue
+            path = Path(value) / "training.jsonl"
+            if not path.exists():
+                continue
+            points = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "loss" in record and "step" in record:
+                    points.append((int(record["step"]), float(record["loss"])))
+            label = stage if key == "log_dir" else f"{stage}:{key[:-4]}"
+            curves[label] = points
+    return curves
+
+
+def _plots(ctx: Any, results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    curves = _loss_curves(ctx)
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for label, points in curves.items():
+            if points:
+                steps, losses = zip(*points)
+                ax.plot(steps, losses, label=label, linewidth=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.set_title("Loss per training stage")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "loss_curves.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if results:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in results:
+            marker = "*" if r.get("mode") == "ar" else "o"
+            ax.scatter(r["tokens_per_forward"], 100 * r["accuracy"], marker=marker, s=60)
+            ax.annotate(f"{r['name']}" + ("" if r.get("threshold") is None else f"@{r['threshold']:g}"),
+                        (r["tokens_per_forward"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("tokens per forward (all forwards counted)")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_title("Accuracy vs. parallelism")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "accuracy_vs_tokens_per_forward.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    for r in results:
+        trajectory = r.get("trajectory")
+        if not trajectory:
+            continue
+        import torch
+        from transformers import AutoTokenizer
+
+        from nemo_automodel_bard.decoding.trajectory import render_trajectory
+
+        blocks = [{k: (torch.tensor(v) if isinstance(v, list) else v) for k, v in block.items()}
+                  for block in trajectory["stats"]["trajectory"]]
+        tokenizer = AutoTokenizer.from_pretrained(r["model_dir"])
+        path = out_dir / "trajectory.png"
+        render_trajectory(blocks, path, tokenizer=tokenizer, sample=int(trajectory["sample"]),
+                          title=f"{r['name']} @ {r.get('threshold')}: denoising trajectory of a held-out image")
+        written.append(path)
+        break
+    return written
+
+
+def write_report(ctx: Any) -> dict[str, Any]:
+    """Write ``report.md`` + plots into the output directory; print the table; return paths."""
+    results = _load_entries(ctx)
+    out_dir = ctx.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = list(ctx.cfg["evaluate"]["thresholds"])
+    default_threshold = thresholds[0] if thresholds else 0.9
+    table = _table(results)
+    targets = check_targets(results, default_threshold)
+    plots = _plots(ctx, results, out_dir)
+    seconds = {k: v.get("seconds") for k, v in ctx.manifest.entries.items() if isinstance(v, dict) and "seconds" in v}
+    lines = [
+        "# Bard-VL pipeline report",
+        "",
+        f"Model `{ctx.cfg['model']['name']}`, data `{ctx.cfg['data']['name']}`, "
+        f"{results[0]['n'] if results else 0} held-out samples. Tokens per forward counts every forward "
+        "(prefill, denoising and commit) and response tokens up to and including EOS.",
+        "",
+        table,
+        "",
+        "## Targets",
+        "",
+    ]
+    for text, measured, met in targets:
+        lines.append(f"* {'met' if met else 'NOT met'}: {text} — measured {measured}")
+    if not targets:
+        lines.append("* (no results to check)")
+    lines += ["", "## Stage wall time (s)", ""]
+    lines += [f"* {name}: {value}" for name, value in sorted(seconds.items()) if value]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    print("\n" + table + "\n")
+    for text, measured, met in targets:
+        print(f"[{'met' if met else 'NOT met'}] {text}: {measured}")
+    print(f"report: {report}")
+    return {"report_file": str(report), "plots": [str(p) for p in plots]}
+
+
+__all__ = ["check_targets", "write_report"]

@@ -1,0 +1,260 @@
+"""The pipeline's stages: AR pre-training (tiny), AR init, PBM, SWD, evaluation, report.
+
+Each stage gets the resolved config and earlier stages' outputs, writes under ``work_dir`` into a
+directory named after its configuration fingerprint, and returns its outputs; the manifest records
+them so an identical re-run skips the stage. Training stages are NeMo recipes (YAML + overrides);
+an interrupted one resumes from its latest checkpoint when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .launch import run_recipe
+from .manifest import Manifest, fingerprint
+
+logger = logging.getLogger(__name__)
+
+STAGE_ORDER = ("ar_pretrain", "ar_init", "pbm", "swd", "evaluate", "report")
+
+
+@dataclass
+class Context:
+    """Everything a stage needs: config (plain dict), directories, manifest, earlier outputs."""
+
+    cfg: dict[str, Any]
+    work_dir: Path
+    output_dir: Path
+    repo_root: Path
+    manifest: Manifest
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def recipe_dir(self) -> Path:
+        path = Path(self.cfg["model"]["recipe_dir"])
+        return path if path.is_absolute() else self.repo_root / path
+
+    @property
+    def launcher(self) -> dict[str, Any]:
+        return dict(self.cfg["launcher"])
+
+
+def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, Any]:
+    data = cfg["data"]
+    if data["kind"] == "shapes":
+        return {f"{section}.seed": data.get("seed", 0), f"{section}.size": data.get("train_size", 4096)}
+    overrides = {
+        f"{section}._target_": "nemo_automodel_bard.data.factory.make_dataset",
+        f"{section}.kind": "jsonl",
+        f"{section}.path": str(Path(data["path"]).resolve()),
+    }
+    if data.get("root"):
+        overrides[f"{section}.image_root"] = str(Path(data["root"]).resolve())
+    return overrides
+
+
+def _validation_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    data = cfg["data"]
+    if data["kind"] == "shapes":
+        return {"validation_dataset.seed": data.get("seed", 0)}
+    path = data.get("eval_path") or data["path"]
+    overrides = {
+        "validation_dataset._target_": "nemo_automodel_bard.data.factory.make_dataset",
+        "validation_dataset.kind": "jsonl",
+        "validation_dataset.path": str(Path(path).resolve()),
+        "validation_dataset.max_samples": 64,
+    }
+    if data.get("root"):
+        overrides["validation_dataset.image_root"] = str(Path(data["root"]).resolve())
+    return overrides
+
+
+def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}``."""
+    yaml_path = ctx.recipe_dir / recipe
+    full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg), **(extra or {})}
+    key = fingerprint({"recipe": str(yaml_path), "overrides": full, "launcher": ctx.launcher})
+    stage_id = f"{name}"
+    done = ctx.manifest.finished(stage_id, key)
+    if done is not None:
+        logger.info("stage %s: done earlier (%s), skipping", name, done["model_dir"])
+        return done
+    run_dir = ctx.work_dir / f"{name}-{key}"
+    full["checkpoint.checkpoint_dir"] = str(run_dir)
+    ctx.manifest.mark_started(stage_id, key)
+    started = time.perf_counter()
+    print(f"[bard-vl] stage {name}: training ({yaml_path.name}) -> {run_dir}", flush=True)
+    run_recipe(yaml_path, full, ctx.launcher, run_dir / "launch.log")
+    model_dir = run_dir / "final"
+    if not (model_dir / "config.json").exists():
+        raise RuntimeError(f"stage {name} finished without a model directory at {model_dir}")
+    outputs = {"model_dir": str(model_dir.resolve()), "log_dir": str(run_dir.resolve())}
+    ctx.manifest.record(stage_id, key, outputs, time.perf_counter() - started)
+    return outputs
+
+
+def stage_ar_pretrain(ctx: Context) -> dict[str, Any]:
+    """Tiny only: pre-train the AR model on the task (real sizes start from the published AR model)."""
+    model = ctx.cfg["model"]
+    if model.get("init"):
+        return {"model_path": model["init"], "pretrained": True}
+    section = ctx.cfg["ar_pretrain"]
+    out = _train(ctx, "ar_pretrain", section["recipe"], {"step_scheduler.max_steps": section["max_steps"]},
+                 section.get("overrides") or {})
+    return {**out, "model_path": out["model_dir"]}
+
+
+def stage_ar_init(ctx: Context) -> dict[str, Any]:
+    """Convert the AR Qwen3-VL directory into a Bard-VL starting directory."""
+    from nemo_automodel_bard.recipes.ar_init import convert_ar_to_bard
+
+    source = ctx.outputs["ar_pretrain"]["model_path"]
+    section = ctx.cfg["ar_init"]
+    key = fingerprint({"source": source, **section})
+    done = ctx.manifest.finished("ar_init", key)
+    if done is not None:
+        return done
+    target = ctx.work_dir / f"ar_init-{key}"
+    started = time.perf_counter()
+    print(f"[bard-vl] stage ar_init: {source} -> {target}", flush=True)
+    convert_ar_to_bard(source, target, block_size=int(section["block_size"]),
+                       mask_embedding=section.get("mask_embedding", "keep"), overwrite=True)
+    outputs = {"model_dir": str(target.resolve())}
+    ctx.manifest.record("ar_init", key, outputs, time.perf_counter() - started)
+    return outputs
+
+
+def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: str) -> dict[str, Any]:
+    section = ctx.cfg["pbm"]
+    recipe = section["recipe"].format(block_size=block)
+    overrides = {
+        "model.pretrained_model_name_or_path": init_dir,
+        "dataloader.collate_fn.block_size": block,
+        "step_scheduler.max_steps": max_steps,
+    }
+    return _train(ctx, name, recipe, overrides, section.get("overrides") or {})
+
+
+def stage_pbm(ctx: Context) -> dict[str, Any]:
+    """Progressive block merging: each block size initialised from the previous stage's export."""
+    section = ctx.cfg["pbm"]
+    current = ctx.outputs["ar_init"]["model_dir"]
+    result: dict[str, Any] = {"block_sizes": list(section["block_sizes"])}
+    for block in section["block_sizes"]:
+        out = _pbm_stage(ctx, int(block), current, int(section["max_steps"]), f"pbm_b{block}")
+        result[f"b{block}_dir"] = current = out["model_dir"]
+        result[f"b{block}_log"] = out["log_dir"]
+    return result
+
+
+def stage_swd(ctx: Context) -> dict[str, Any]:
+    """Stage-wise distillation from a small-block anchor, plus equal-step controls without KD."""
+    section = ctx.cfg["swd"]
+    pbm = ctx.outputs["pbm"]
+    teacher_block = int(section["teacher_block_size"])
+    anchor_dir = pbm[f"b{teacher_block}_dir"]
+    result: dict[str, Any] = {"anchor_block_size": teacher_block}
+    extra = int(section.get("anchor_extra_steps") or 0)
+    if extra > 0:
+        out = _pbm_stage(ctx, teacher_block, anchor_dir, extra, f"swd_anchor_b{teacher_block}")
+        anchor_dir = out["model_dir"]
+        result["anchor_log"] = out["log_dir"]
+    result["anchor_dir"] = anchor_dir
+    previous_teacher = (anchor_dir, teacher_block)
+    for student in section["student_block_sizes"]:
+        student = int(student)
+        if student <= teacher_block:
+            raise ValueError(f"swd.student_block_sizes: {student} is not larger than the teacher's {teacher_block}")
+        teacher_dir, teacher_b = previous_teacher if section["anchor"] == "previous" else (anchor_dir, teacher_block)
+        runs = [("kd", float(section["kd_weight"]))]
+        if section.get("control", True):
+            runs.append(("ce", 0.0))
+        for label, kd_weight in runs:
+            overrides = {
+                "model.pretrained_model_name_or_path": pbm[f"b{student}_dir"],
+                "teacher_model.pretrained_model_name_or_path": teacher_dir,
+                "bard.teacher_block_size": teacher_b,
+                "dataloader.collate_fn.block_size": student,
+                "step_scheduler.max_steps": int(section["max_steps"]),
+                "bard.ce_weight": float(section["ce_weight"]),
+                "bard.kd_weight": kd_weight,
+                "bard.kd_top_k": int(section["top_k"]),
+                "bard.kd_direction": section["direction"],
+                "bard.kd_temperature": float(section["temperature"]),
+            }
+            out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {})
+            result[f"{label}_b{student}_dir"] = out["model_dir"]
+            result[f"{label}_b{student}_log"] = out["log_dir"]
+        if section["anchor"] == "previous":
+            previous_teacher = (result[f"kd_b{student}_dir"], student)
+    return result
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    """Decode the held-out set with every model; write one JSON per (model, threshold)."""
+    from .evaluate import evaluate_model, heldout_records, write_result
+
+    section = ctx.cfg["evaluate"]
+    records = heldout_records(ctx.cfg["data"], int(section["num_samples"]))
+    candidates: list[tuple[str, str, int | None]] = []
+    if section.get("ar_baseline", True) and "ar_init" in ctx.outputs:
+        candidates.append(("ar", ctx.outputs["ar_init"]["model_dir"], None))
+    pbm = ctx.outputs.get("pbm", {})
+    for block in pbm.get("block_sizes", []):
+        candidates.append((f"pbm_b{block}", pbm[f"b{block}_dir"], int(block)))
+    swd = ctx.outputs.get("swd", {})
+    for key, value in swd.items():
+        if key.endswith("_dir") and key != "anchor_dir" and key[: key.index("_")] in ("kd", "ce"):
+            label, block = key[:-4].split("_b")
+            candidates.append((f"swd_{label}_b{block}", value, int(block)))
+    if "anchor_dir" in swd and swd["anchor_dir"] != pbm.get(f"b{swd['anchor_block_size']}_dir"):
+        candidates.append((f"anchor_b{swd['anchor_block_size']}", swd["anchor_dir"], int(swd["anchor_block_size"])))
+    results_dir = ctx.output_dir / "eval"
+    results: dict[str, Any] = {"results_dir": str(results_dir), "entries": []}
+    final_name = candidates[-1][0] if candidates else None
+    for name, model_dir, block in candidates:
+        thresholds = [None] if block is None else list(section["thresholds"])
+        for threshold in thresholds:
+            tag = f"{name}" + ("" if threshold is None else f"@{threshold}")
+            path = results_dir / f"{tag}.json"
+            key = fingerprint({"model": model_dir, "threshold": threshold, **section, "data": ctx.cfg["data"]})
+            done = ctx.manifest.finished(f"evaluate:{ctx.output_dir}:{tag}", key)
+            if done is None:
+                print(f"[bard-vl] evaluate {tag} on {len(records)} held-out samples", flush=True)
+                wants_trajectory = name == final_name and threshold == thresholds[0]
+                result = evaluate_model(
+                    model_dir, records, data_kind=ctx.cfg["data"]["kind"], mode="ar" if block is None else "diffusion",
+                    block_size=block, threshold=threshold if threshold is not None else 0.9,
+                    remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
+                    batch_size=int(section["batch_size"]), max_new_tokens=int(section["max_new_tokens"]),
+                    record_trajectory_of=int(ctx.cfg["report"]["trajectory_index"]) if wants_trajectory else None,
+                )
+                result.update(name=name, model_dir=model_dir)
+                write_result(result, path)
+                ctx.manifest.record(f"evaluate:{ctx.output_dir}:{tag}", key, {"result_file": str(path)}, 0.0)
+            results["entries"].append({"name": name, "threshold": threshold, "block_size": block,
+                                       "result_file": str(path)})
+    return results
+
+
+def stage_report(ctx: Context) -> dict[str, Any]:
+    """Table on stdout, ``report.md`` and PNG plots in the output directory."""
+    from .report import write_report
+
+    return write_report(ctx)
+
+
+STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "ar_pretrain": stage_ar_pretrain,
+    "ar_init": stage_ar_init,
+    "pbm": stage_pbm,
+    "swd": stage_swd,
+    "evaluate": stage_evaluate,
+    "report": stage_report,
+}
+
+__all__ = ["Context", "STAGES", "STAGE_ORDER"]

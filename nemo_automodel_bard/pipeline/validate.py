@@ -1,0 +1,106 @@
+"""Configuration checks that run before any work starts, with errors naming the offending key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from .stages import STAGE_ORDER
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PipelineConfigError(ValueError):
+    """An inconsistent pipeline configuration (raised before any stage runs)."""
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PipelineConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set[str]) -> None:
+    """Raise :class:`PipelineConfigError` for an inconsistent configuration."""
+    stages = list(cfg.get("stages") or [])
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        raise PipelineConfigError(f"stages: unknown stage(s) {unknown}; valid stages are {list(STAGE_ORDER)}")
+    if not stages:
+        raise PipelineConfigError("stages: empty; name at least one of " + ", ".join(STAGE_ORDER))
+
+    blocks = [_positive_int(b, "pbm.block_sizes[]") for b in cfg["pbm"]["block_sizes"]]
+    if not blocks:
+        raise PipelineConfigError("pbm.block_sizes: empty")
+    if any(b2 <= b1 for b1, b2 in zip(blocks, blocks[1:])):
+        raise PipelineConfigError(f"pbm.block_sizes must be strictly increasing, got {blocks}")
+    _positive_int(cfg["pbm"]["max_steps"], "pbm.max_steps")
+
+    swd = cfg["swd"]
+    if "swd" in stages:
+        teacher = _positive_int(swd["teacher_block_size"], "swd.teacher_block_size")
+        if teacher not in blocks:
+            raise PipelineConfigError(
+                f"swd.teacher_block_size={teacher} is not one of pbm.block_sizes {blocks} (the anchor is a PBM stage)"
+            )
+        if swd["anchor"] not in ("fixed", "previous"):
+            raise PipelineConfigError(f"swd.anchor must be 'fixed' or 'previous', got {swd['anchor']!r}")
+        for student in swd["student_block_sizes"]:
+            _positive_int(student, "swd.student_block_sizes[]")
+            if student <= teacher:
+                raise PipelineConfigError(
+                    f"swd.student_block_sizes: teacher block size {teacher} must be smaller than the student's {student}"
+                )
+            if student not in blocks:
+                raise PipelineConfigError(f"swd.student_block_sizes: {student} has no PBM stage (pbm.block_sizes={blocks})")
+        if swd["direction"] not in ("forward", "reverse"):
+            raise PipelineConfigError(f"swd.direction must be 'forward' or 'reverse', got {swd['direction']!r}")
+
+    for threshold in cfg["evaluate"]["thresholds"]:
+        if not 0 < float(threshold) <= 1.5:
+            raise PipelineConfigError(f"evaluate.thresholds: {threshold} is not a confidence threshold in (0, 1]")
+
+    model = cfg["model"]
+    recipe_dir = Path(model["recipe_dir"])
+    recipe_dir = recipe_dir if recipe_dir.is_absolute() else repo_root / recipe_dir
+    if not recipe_dir.is_dir():
+        raise PipelineConfigError(f"model.recipe_dir: {recipe_dir} does not exist")
+    init = model.get("init")
+    if init and not Path(str(init)).exists() and not _HUB_ID.match(str(init)):
+        raise PipelineConfigError(f"model.init: checkpoint path {init!r} does not exist (and is not a hub id)")
+    if not init and "ar_pretrain" in stages and not (recipe_dir / cfg["ar_pretrain"]["recipe"]).exists():
+        raise PipelineConfigError(f"ar_pretrain.recipe: {recipe_dir / cfg['ar_pretrain']['recipe']} does not exist")
+    needed = {"pbm": [cfg["pbm"]["recipe"].format(block_size=b) for b in blocks], "swd": [swd["recipe"]]}
+    for stage, files in needed.items():
+        if stage in stages:
+            for name in files:
+                if not (recipe_dir / name).exists():
+                    raise PipelineConfigError(f"{stage}: recipe {recipe_dir / name} does not exist")
+
+    data = cfg["data"]
+    if data["kind"] == "jsonl":
+        path = data.get("path")
+        if not path or path == "???":
+            raise PipelineConfigError("data.path is required with data=jsonl (a chat-format JSONL file)")
+        if not Path(path).exists():
+            raise PipelineConfigError(f"data.path: {path} does not exist")
+        if data.get("root") and not Path(data["root"]).is_dir():
+            raise PipelineConfigError(f"data.root: {data['root']} is not a directory")
+        if "evaluate" in stages and not data.get("eval_path"):
+            raise PipelineConfigError("data.eval_path is required to evaluate on chat-format data")
+    elif data["kind"] != "shapes":
+        raise PipelineConfigError(f"data.kind must be 'shapes' or 'jsonl', got {data['kind']!r}")
+
+    requires = {"ar_init": ["ar_pretrain"], "pbm": ["ar_init"], "swd": ["pbm"], "evaluate": ["ar_init"],
+                "report": ["evaluate"]}
+    for stage in stages:
+        for need in requires.get(stage, []):
+            if need not in stages and need not in available_outputs:
+                raise PipelineConfigError(
+                    f"stage {stage!r} needs the outputs of {need!r}, which is neither in stages={stages} nor "
+                    f"recorded in the manifest of this work_dir; add it to stages"
+                )
+
+
+__all__ = ["PipelineConfigError", "validate_config"]

@@ -1,0 +1,674 @@
+"""Shared machinery of the Bard-VL NeMo recipes (PBM, AR pre-training).
+
+:class:`BardRecipeBase` subclasses NeMo-AutoModel's ``FinetuneRecipeForVLM`` and keeps its setup,
+distributed initialisation, FSDP2 / megatron-FSDP / DDP sharding, optimizer and LR-scheduler
+construction, checkpointing (DCP shards + consolidated Hugging Face export), resume, JSONL / W&B /
+MLflow logging and training loop. It replaces what cannot serve a block-diffusion objective:
+
+* the model target: our builders (:mod:`nemo_automodel_bard.recipes.model_builder`) are accepted next
+  to NeMo's own ``NeMoAutoModel*`` loaders;
+* the optimizer step: the loss of a micro-batch is normalised by a *global* count of the optimizer
+  step (all micro-batches, all data-parallel ranks) so that 1 and N processes, with or without
+  gradient accumulation, give the same loss and gradients; the LR scheduler is stepped once per
+  optimizer step;
+* validation and logging (objective-specific metrics, per-group learning rates);
+* the end of a run: a pointer ``<checkpoint_dir>/final`` (symlink) and ``export.json`` to the
+  consolidated Hugging Face directory, which holds config, weights, generation config and the
+  processor / tokenizer files -- a complete model directory for the next stage.
+
+CPU support (tests, the embedded tiny pipeline) needs two scoped shims, both no-ops where CUDA is
+available: NeMo calls ``torch.cuda.reset_peak_memory_stats()`` unconditionally in ``setup()``, and
+leaves the training device unset without CUDA.
+
+Recipe-specific YAML keys live in a ``bard:`` section:
+
+``bard.stop_after_steps``
+    stop (with a checkpoint, like a preemption) once this many optimizer steps have run in total;
+    used to test resume. The LR schedule still follows ``step_scheduler.max_steps``.
+``bard.progress_bar``
+    ``auto`` (default: a tqdm bar on rank 0 when stderr is a terminal), ``true`` or ``false``.
+``bard.attention`` (PBM only)
+    ``auto`` (FlexAttention ``BlockMask`` for a flex model, dense additive mask otherwise), ``dense``
+    or ``flex``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+import nemo_automodel_bard  # noqa: F401 - registers Bard-VL with transformers and NeMo
+import nemo_automodel.recipes.vlm.finetune as _vlm_finetune
+from nemo_automodel.components.distributed.tp_replicas import synchronize_tp_replica_gradients
+from nemo_automodel.components.distributed.utils import get_sync_ctx
+from nemo_automodel.components.loggers.metric_logger import MetricsSample
+from nemo_automodel.components.training.rng import ScopedRNG
+from nemo_automodel.components.training.utils import (
+    prepare_after_first_microbatch,
+    prepare_for_final_backward,
+    prepare_for_grad_accumulation,
+    scale_grads_and_clip_grad_norm,
+)
+from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+from nemo_automodel.shared.import_utils import safe_import
+
+from .collate import resolve_collate
+from .model_builder import ModelConfigError, build_bard_vl, build_qwen3_vl_ar, check_model_path, check_model_type
+
+_HAS_WANDB, wandb = safe_import("wandb")
+_HAS_MLFLOW, mlflow = safe_import("mlflow")
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BardRecipeBase",
+    "RecipeConfigError",
+    "accept_custom_model_targets",
+    "cpu_cuda_guard",
+    "load_recipe_config",
+    "param_group_kind",
+    "run_recipe",
+]
+
+#: the default ``loss_fn`` section NeMo's setup requires (unused by our steps)
+_PLACEHOLDER_LOSS = "nemo_automodel.components.loss.masked_ce.MaskedCrossEntropy"
+_BARD_KEYS = {"stop_after_steps", "progress_bar", "attention"}
+_OUR_BUILDERS = (build_bard_vl, build_qwen3_vl_ar)
+
+#: parameter-name patterns of the three learning-rate groups (Qwen3-VL / Bard-VL names)
+MERGER_PATTERN = r"(^|\.)visual\.(merger|deepstack_merger_list)\."
+VISION_PATTERN = r"(^|\.)visual\."
+
+
+class RecipeConfigError(ValueError):
+    """A recipe YAML is missing a key or sets one to an unusable value."""
+
+
+def param_group_kind(name: str) -> str:
+    """``"merger"``, ``"vision"`` or ``"language"`` for a (Qwen3-VL / Bard-VL) parameter name."""
+    if re.search(MERGER_PATTERN, name):
+        return "merger"
+    if re.search(VISION_PATTERN, name):
+        return "vision"
+    return "language"
+
+
+# ---------------------------------------------------------------------------------------------- shims
+
+
+@contextlib.contextmanager
+def cpu_cuda_guard():
+    """Make ``torch.cuda.reset_peak_memory_stats`` a no-op while NeMo code runs on a CPU-only host.
+
+    NeMo 0.7.0 calls it unconditionally (``FinetuneRecipeForVLM.setup`` and ``log_train_metrics``);
+    without CUDA it raises. With CUDA this context does nothing.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.cuda.reset_peak_memory_stats
+    torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        torch.cuda.reset_peak_memory_stats = original
+
+
+def _build_model(cfg_model, cfg_freeze, cfg_peft, seed, cfg_fp8=None, cfg_compile=None,
+                 distributed_setup=None, cfg_quantization=None):  # fmt: skip
+    """``finetune.build_model`` that also accepts the Bard-VL builders as ``model._target_``."""
+    target = cfg_model.get("_target_", None)
+    if _vlm_finetune._is_recipe_target(target):
+        return _ORIGINAL_BUILD_MODEL(
+            cfg_model, cfg_freeze, cfg_peft, seed, cfg_fp8=cfg_fp8, cfg_compile=cfg_compile,
+            distributed_setup=distributed_setup, cfg_quantization=cfg_quantization,
+        )  # fmt: skip
+    from nemo_automodel.components.quantization.fp8 import build_fp8_config
+    from nemo_automodel.components.utils.compile_utils import build_compile_config
+
+    kwargs: dict[str, Any] = {
+        "peft_config": cfg_peft,
+        "freeze_config": cfg_freeze.to_dict() if cfg_freeze is not None else None,
+        "distributed_setup": distributed_setup,
+    }
+    if cfg_fp8 is not None:
+        kwargs["fp8_config"] = build_fp8_config(cfg_fp8)
+    if cfg_compile is not None:
+        kwargs["compile_config"] = build_compile_config(cfg_compile)
+    if cfg_quantization is not None:
+        kwargs["quantization_config"] = cfg_quantization
+    with ScopedRNG(seed=seed, ranked=True):
+        return cfg_model.instantiate(**kwargs)
+
+
+_ORIGINAL_BUILD_MODEL = _vlm_finetune.build_model
+
+
+@contextlib.contextmanager
+def accept_custom_model_targets():
+    """Within the context, NeMo's VLM recipe accepts any callable ``model._target_`` (it keeps its own
+    handling of the ``NeMoAutoModel*`` loaders). The module global is restored afterwards."""
+    _vlm_finetune.build_model = _build_model
+    try:
+        yield
+    finally:
+        _vlm_finetune.build_model = _ORIGINAL_BUILD_MODEL
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _target_name(value: Any) -> str:
+    if value is None:
+        return "None"
+    module = getattr(value, "__module__", None)
+    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+    return f"{module}.{name}" if module and name else repr(value)
+
+
+def load_recipe_config(config_path: str | os.PathLike, overrides: Sequence[str] = ()):
+    """Load a recipe YAML with NeMo's loader and apply ``--a.b=c`` overrides (as the CLI does)."""
+    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise RecipeConfigError(f"recipe YAML {str(path)!r} does not exist")
+    return parse_args_and_load_config(str(path), argv=list(overrides))
+
+
+def run_recipe(
+    config_path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    recipe_cls: Optional[type] = None,
+    install_signal_handler: bool = False,
+) -> "BardRecipeBase":
+    """Run a recipe YAML in this process (no torchrun): load, ``setup()``, train; return the recipe.
+
+    With one process NeMo needs no ``MASTER_ADDR`` (a ``HashStore`` backs the process group) and a
+    second recipe in the same process reuses the process group. ``install_signal_handler=False``
+    sets ``step_scheduler.preemption_signal=None`` (no SIGTERM handler is left behind).
+    """
+    overrides = list(overrides)
+    if not install_signal_handler and not any(o.startswith("--step_scheduler.preemption_signal") for o in overrides):
+        overrides.append("--step_scheduler.preemption_signal=None")
+    cfg = load_recipe_config(config_path, overrides)
+    if recipe_cls is None:
+        import importlib
+
+        recipe = cfg.get("recipe", None)
+        if hasattr(recipe, "get"):
+            recipe = recipe.get("_target_", None)
+        if callable(recipe):
+            recipe = _target_name(recipe)
+        if not isinstance(recipe, str) or "." not in recipe:
+            raise RecipeConfigError(f"{config_path}: `recipe:` must name the recipe class by its dotted path, got {recipe!r}")
+        module, name = recipe.rsplit(".", 1)
+        recipe_cls = getattr(importlib.import_module(module), name)
+    runner = recipe_cls(cfg)
+    runner.setup()
+    runner.run_train_validation_loop()
+    return runner
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+class BardRecipeBase(FinetuneRecipeForVLM):
+    """Common base of the Bard-VL recipes (see the module docstring).
+
+    Subclasses define :attr:`objective`, :attr:`collate_fn_name`, :attr:`builders`,
+    :meth:`_local_counts`, :meth:`_compute_loss` and optionally :meth:`_prepare_model`.
+    """
+
+    #: short name written to logs and ``export.json``
+    objective: str = ""
+    #: dotted name of the collate function the YAML must use
+    collate_fn_name: str = ""
+    #: the model builders this objective accepts (besides NeMo's own loaders)
+    builders: tuple = _OUR_BUILDERS
+    #: key of :meth:`_local_counts` that normalises the loss (all-reduced over the optimizer step)
+    denominator_key: str = "samples"
+    #: ``bard:`` keys a subclass accepts besides :data:`_BARD_KEYS`
+    extra_bard_keys: frozenset = frozenset()
+
+    def __init__(self, cfg: Any) -> None:
+        if cfg.get("loss_fn", None) is None:  # NeMo's setup() builds it; our steps do not use it
+            cfg.set_by_dotted("loss_fn._target_", _PLACEHOLDER_LOSS)
+        super().__init__(cfg)
+
+    # ------------------------------------------------------------------ setup
+    def validate_config(self) -> None:
+        """Check the YAML before anything heavy runs; raise :class:`RecipeConfigError` naming the key."""
+        cfg = self.cfg
+        if cfg.get("model", None) is None:
+            raise RecipeConfigError("the recipe YAML has no `model:` section")
+        target = cfg.get("model._target_", None)
+        if target is None:
+            raise RecipeConfigError(
+                "model._target_ is not set; use nemo_automodel_bard.recipes.model_builder.build_bard_vl "
+                "(or build_qwen3_vl_ar for the AR objective)"
+            )
+        if target in _OUR_BUILDERS:
+            if target not in self.builders:
+                raise RecipeConfigError(
+                    f"model._target_={_target_name(target)} does not fit the {self.objective!r} objective of "
+                    f"{type(self).__name__}; use {' or '.join(_target_name(b) for b in self.builders)}"
+                )
+            if not (target is build_qwen3_vl_ar and cfg.get("model.tiny", None) is not None):
+                try:
+                    local = check_model_path(cfg.get("model.pretrained_model_name_or_path", None))
+                    if local is not None:
+                        check_model_type(local, "bard_vl" if target is build_bard_vl else "qwen3_vl")
+                except ModelConfigError as exc:
+                    raise RecipeConfigError(str(exc)) from None
+        if cfg.get("dataset", None) is None:
+            raise RecipeConfigError("the recipe YAML has no `dataset:` section (e.g. ChatDataset or shapes_dataset)")
+        collate = cfg.get("dataloader.collate_fn", None)
+        collate_target = collate.get("_target_", None) if hasattr(collate, "get") else collate
+        if collate_target is None or _target_name(collate_target) != self.collate_fn_name:
+            raise RecipeConfigError(
+                f"dataloader.collate_fn must be {self.collate_fn_name} for {type(self).__name__} "
+                f"(got {_target_name(collate_target)}); NeMo's default VLM collators shift labels for AR training"
+            )
+        bard = cfg.get("bard", None)
+        if bard is not None:
+            known = _BARD_KEYS | set(getattr(self, "extra_bard_keys", ()))
+            unknown = sorted(set(bard.to_dict()) - known)
+            if unknown:
+                raise RecipeConfigError(f"unknown key(s) in the `bard:` section: {unknown}; known: {sorted(known)}")
+        stop = cfg.get("bard.stop_after_steps", None)
+        if stop is not None and (not isinstance(stop, int) or stop < 1):
+            raise RecipeConfigError(f"bard.stop_after_steps must be a positive integer, got {stop!r}")
+        if cfg.get("checkpoint.checkpoint_dir", None) is None:
+            raise RecipeConfigError("checkpoint.checkpoint_dir is not set (where checkpoints and the export go)")
+        self._clamp_warmup()
+
+    def _clamp_warmup(self) -> None:
+        """A warm-up at least as long as the run (e.g. a short test run of a long recipe) makes NeMo's
+        scheduler assert; shorten it to a tenth of the run, with a warning."""
+        warmup = self.cfg.get("lr_scheduler.lr_warmup_steps", None)
+        max_steps = self.cfg.get("step_scheduler.max_steps", None)
+        decay = self.cfg.get("lr_scheduler.lr_decay_steps", None) or max_steps
+        if isinstance(warmup, int) and isinstance(decay, int) and warmup >= decay:
+            new = decay // 10
+            logger.warning("lr_scheduler.lr_warmup_steps=%d >= %d decay steps: using %d", warmup, decay, new)
+            self.cfg.set_by_dotted("lr_scheduler.lr_warmup_steps", new)
+
+    def setup(self) -> None:
+        """NeMo's ``setup()`` plus the Bard-VL pieces (collators, stage metadata, parameter groups)."""
+        self.validate_config()
+        with cpu_cuda_guard(), accept_custom_model_targets():
+            super().setup()
+        if self.dist_env.device is None:  # initialize_distributed leaves it unset without CUDA
+            self.dist_env.device = torch.device("cpu")
+        self.stop_after_steps = self.cfg.get("bard.stop_after_steps", None)
+        self._last_checkpoint: Optional[str] = None
+        self._stopped_early = False
+        self._group_kinds = self._classify_param_groups()
+        self._install_collators()
+        self._mirror_wrapper_attributes()
+        self._prepare_model(self._unwrapped_model())
+
+    def _unwrapped_model(self) -> torch.nn.Module:
+        model = self.model_parts[0]
+        return getattr(model, "module", model)
+
+    def _mirror_wrapper_attributes(self) -> None:
+        """DDP / megatron-FSDP wrap the model in another module (FSDP2 does not): copy the attributes
+        the loss reads from the model (``uses_flex_attention``) onto the wrapper."""
+        wrapper, inner = self.model_parts[0], self._unwrapped_model()
+        if wrapper is inner:
+            return
+        for name in ("uses_flex_attention",):
+            if hasattr(inner, name) and name not in wrapper.__dict__:
+                setattr(wrapper, name, getattr(inner, name))
+
+    def _classify_param_groups(self) -> list[list[set[str]]]:
+        """For each optimizer and parameter group, the kinds (language / merger / vision) it holds."""
+        names = {}
+        for part in self.model_parts:
+            for name, param in part.named_parameters():
+                names[id(param)] = name
+        return [
+            [{param_group_kind(names[id(p)]) for p in group["params"] if id(p) in names} for group in opt.param_groups]
+            for opt in self.optimizer
+        ]
+
+    def _collate_defaults(self) -> dict:
+        return {}
+
+    def _install_collators(self) -> None:
+        """Swap NeMo's bound ``partial(collate_fn, processor=...)`` for the collator object itself, so
+        that ``StepScheduler.set_epoch`` reaches it (the noise is seeded by the epoch)."""
+        defaults = self._collate_defaults()
+        train = resolve_collate(self.dataloader.collate_fn, **defaults)
+        if train is None:
+            raise RecipeConfigError(f"dataloader.collate_fn must be {self.collate_fn_name}")
+        self.dataloader.collate_fn = train
+        self.train_collator = train
+        if self.val_dataloader is not None:
+            val = resolve_collate(self.val_dataloader.collate_fn, **self._validation_collate_defaults(train))
+            if val is None:
+                raise RecipeConfigError(f"validation_dataloader.collate_fn must be {self.collate_fn_name}")
+            self.val_dataloader.collate_fn = val
+
+    def _validation_collate_defaults(self, train: Any) -> dict:
+        return self._collate_defaults()
+
+    def _prepare_model(self, model: torch.nn.Module) -> None:
+        """Stage-specific edits of the model's config / generation config before any checkpoint."""
+
+    # ------------------------------------------------------------------ objective hooks
+    def _local_counts(self, batch: dict) -> dict[str, float]:
+        """Local tallies of one micro-batch (summed over the optimizer step and all DP ranks):
+        must hold :attr:`denominator_key`, ``tokens`` (non-padding tokens, for tokens/s) and
+        ``loss_tokens``."""
+        raise NotImplementedError
+
+    def _compute_loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> tuple[torch.Tensor, dict]:
+        """``(loss, sums)``: the micro-batch loss divided by ``denominator``, and detached sums of
+        per-position statistics (``ce_sum``, ``correct``) over its loss positions."""
+        raise NotImplementedError
+
+    def _extra_metrics(self, totals: dict[str, float]) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ step
+    def _to_device(self, batch: dict) -> dict:
+        device = self.dist_env.device
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _forward_backward_step(
+        self,
+        idx: int,
+        batch: dict,
+        *,
+        loss_buffer: list,
+        num_label_tokens: float,
+        num_batches: int,
+        is_train: bool = True,
+        stat_buffer: Optional[list] = None,
+    ) -> None:
+        """One micro-batch: loss normalised by the global ``num_label_tokens`` count (for PBM: the
+        number of samples in the optimizer step), backward scaled by the DP size (FSDP/DDP average
+        gradients over ranks, so the sum over ranks is restored)."""
+        batch = self._to_device(batch)
+        model = self.model_parts[0]
+        sync_ctx = (
+            get_sync_ctx(
+                model,
+                idx == num_batches - 1,
+                defer_fsdp_grad_sync=getattr(self.distributed_config, "defer_fsdp_grad_sync", True),
+            )
+            if is_train
+            else nullcontext()
+        )
+        with sync_ctx, self._autocast_context():
+            loss, sums = self._compute_loss(model, batch, float(num_label_tokens))
+            loss_buffer.append(loss.detach().float().clone())
+            if stat_buffer is not None:
+                stat_buffer.append(sums)
+            if is_train:
+                (loss * self._get_dp_group_size(include_cp=True)).backward()
+
+    def _allreduce_sum(self, values: Sequence[float]) -> list[float]:
+        tensor = torch.tensor(list(values), dtype=torch.float64)
+        return self._dp_allreduce(tensor, include_cp=True).tolist()
+
+    def _run_train_optim_step(self, batches: list, max_grad_norm: Optional[float] = None) -> MetricsSample:
+        """One optimizer step over the micro-batches ``batches`` (gradient accumulation)."""
+        counts = [self._local_counts(batch) for batch in batches]
+        keys = sorted({k for c in counts for k in c})
+        global_counts = dict(zip(keys, self._allreduce_sum([sum(c.get(k, 0.0) for c in counts) for k in keys])))
+        denominator = global_counts[self.denominator_key]
+        num_batches = len(batches)
+        loss_buffer: list[torch.Tensor] = []
+        stat_buffer: list[dict] = []
+
+        prepare_for_grad_accumulation(self.model_parts, pp_enabled=False)
+        for i, batch in enumerate(batches):
+            if i == num_batches - 1:
+                prepare_for_final_backward(self.model_parts, pp_enabled=False)
+            self._forward_backward_step(
+                i,
+                batch,
+                loss_buffer=loss_buffer,
+                num_label_tokens=max(denominator, 1.0),
+                num_batches=num_batches,
+                stat_buffer=stat_buffer,
+            )
+            if i == 0:
+                prepare_after_first_microbatch()
+
+        synchronize_tp_replica_gradients(self.model_parts, self.device_mesh)
+        grad_norm = scale_grads_and_clip_grad_norm(
+            max_grad_norm=max_grad_norm,
+            model_parts=self.model_parts,
+            norm_type=2.0,
+            pp_enabled=False,
+            device_mesh=self.device_mesh,
+            moe_mesh=self.moe_mesh,
+            foreach=True,
+            num_label_tokens=int(denominator),
+            dp_group_size=self._get_dp_group_size(include_cp=True),
+            grad_norm_backend=self.cfg.get("clip_grad_norm.backend", "triton"),
+        )
+        self.checkpointer.maybe_wait_for_staging()
+        for opt in self.optimizer:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            for scheduler in self.lr_scheduler:  # once per optimizer step
+                scheduler.step(1)
+
+        now = time.perf_counter()
+        elapsed = max(now - self.timestamp, 1e-9)
+        self.timestamp = now
+        local = [
+            float(sum(t.item() for t in loss_buffer)),
+            float(sum(float(s.get("ce_sum", 0.0)) for s in stat_buffer)),
+            float(sum(float(s.get("correct", 0.0)) for s in stat_buffer)),
+        ]
+        loss_sum, ce_sum, correct = self._allreduce_sum(local)
+        loss_tokens = max(global_counts.get("loss_tokens", 0.0), 1.0)
+        tps = global_counts.get("tokens", 0.0) / elapsed
+        dp = max(self._get_dp_group_size(), 1)
+        metrics: dict[str, Any] = {
+            "loss": loss_sum,
+            "grad_norm": float(grad_norm) if isinstance(grad_norm, torch.Tensor) else float(grad_norm or 0.0),
+            **self._learning_rates(),
+            "mem": torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else 0.0,
+            "tps": tps,
+            "tps_per_gpu": tps / dp,
+            "num_tokens_per_step": int(global_counts.get("tokens", 0.0)),
+            "num_label_tokens": int(global_counts.get("loss_tokens", 0.0)),
+            "num_samples": int(global_counts.get("samples", 0.0)),
+            "num_skipped": int(global_counts.get("skipped", 0.0)),
+            "ce": ce_sum / loss_tokens,
+            "accuracy": correct / loss_tokens,
+            "step_time": elapsed,
+        }
+        metrics.update(self._extra_metrics(global_counts))
+
+        step = self.step_scheduler.step
+        if self.stop_after_steps is not None and step + 1 >= self.stop_after_steps and step + 1 < self.step_scheduler.max_steps:
+            # Stop like a preemption: NeMo then checkpoints this step and leaves the loop.
+            logger.info("bard.stop_after_steps=%d reached: checkpointing and stopping", self.stop_after_steps)
+            self.step_scheduler.sigterm_flag = True
+            self._stopped_early = True
+        return MetricsSample(step=step, epoch=self.step_scheduler.epoch, metrics=metrics)
+
+    def _learning_rates(self) -> dict[str, float]:
+        """``lr`` (first group, as NeMo logs it) and ``lr_language`` / ``lr_merger`` / ``lr_vision``."""
+        out: dict[str, float] = {"lr": float(self.optimizer[0].param_groups[0]["lr"])}
+        for opt, kinds in zip(self.optimizer, self._group_kinds):
+            for group, group_kinds in zip(opt.param_groups, kinds):
+                for kind in sorted(group_kinds):
+                    out.setdefault(f"lr_{kind}", float(group["lr"]))
+        return out
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _run_validation_epoch(self, val_dataloader: Iterable) -> MetricsSample:
+        """Mean validation loss over all ranks (same normalisation as training)."""
+        with ScopedRNG(seed=1, ranked=True):
+            for part in self.model_parts:
+                part.eval()
+            totals = {"loss": 0.0, "count": 0.0, "loss_tokens": 0.0, "ce_sum": 0.0, "correct": 0.0}
+            for batch in val_dataloader:
+                counts = self._local_counts(batch)
+                loss_buffer: list[torch.Tensor] = []
+                stat_buffer: list[dict] = []
+                self._forward_backward_step(
+                    0, batch, loss_buffer=loss_buffer, num_label_tokens=1.0, num_batches=1, is_train=False,
+                    stat_buffer=stat_buffer,
+                )  # fmt: skip
+                totals["loss"] += float(loss_buffer[-1])
+                totals["count"] += counts[self.denominator_key]
+                totals["loss_tokens"] += counts.get("loss_tokens", 0.0)
+                totals["ce_sum"] += float(stat_buffer[-1].get("ce_sum", 0.0))
+                totals["correct"] += float(stat_buffer[-1].get("correct", 0.0))
+        keys = sorted(totals)
+        totals = dict(zip(keys, self._allreduce_sum([totals[k] for k in keys])))
+        loss_tokens = max(totals["loss_tokens"], 1.0)
+        return MetricsSample(
+            step=self.step_scheduler.step,
+            epoch=self.step_scheduler.epoch,
+            metrics={
+                "val_loss": totals["loss"] / max(totals["count"], 1.0),
+                "val_ce": totals["ce_sum"] / loss_tokens,
+                "val_accuracy": totals["correct"] / loss_tokens,
+                "lr": float(self.optimizer[0].param_groups[0]["lr"]),
+                "num_label_tokens": int(totals["loss_tokens"]),
+                "mem": torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else 0.0,
+            },
+        )
+
+    # ------------------------------------------------------------------ logging
+    def _progress_bar_enabled(self) -> bool:
+        setting = self.cfg.get("bard.progress_bar", "auto")
+        if isinstance(setting, bool):
+            return setting
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+    def _make_progress_bar(self, total: Optional[int] = None, initial: int = 0):
+        """A tqdm bar on rank 0, only on an interactive terminal unless ``bard.progress_bar: true``."""
+        if not self._progress_bar_enabled():
+            return None
+        return super()._make_progress_bar(total, initial)
+
+    def log_train_metrics(self, log_data: MetricsSample) -> None:
+        """JSONL always (``<checkpoint_dir>/training.jsonl``); W&B / MLflow when configured; one log line."""
+        if not self.dist_env.is_main:
+            return
+        if self.step_scheduler.is_remote_logging_step:
+            if _HAS_WANDB and wandb.run is not None:
+                wandb.log(log_data.to_dict(), step=self.step_scheduler.step)
+            if _HAS_MLFLOW and mlflow.active_run() is not None:
+                from nemo_automodel.components.loggers.mlflow_utils import to_float_metrics
+
+                mlflow.log_metrics(to_float_metrics(log_data.to_dict()), step=self.step_scheduler.step)
+        self.metric_logger_train.log(log_data)
+        m = log_data.metrics
+        extra = "".join(f" | {k} {m[k]:.3f}" for k in ("mask_fraction",) if k in m)
+        extra += f" | block_size {m['block_size']}" if "block_size" in m else ""
+        logging.info(
+            "[%s] step %d | epoch %d | loss %.4f | acc %.3f | grad_norm %.4f | lr %.2e%s | tps %.1f | samples %d%s",
+            self.objective, log_data.step, log_data.epoch, m["loss"], m["accuracy"], m["grad_norm"], m["lr"],
+            "".join(f" | {k} {v:.2e}" for k, v in m.items() if k.startswith("lr_") and k != "lr_language"),
+            m["tps"], m["num_samples"], extra,
+        )  # fmt: skip
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    # ------------------------------------------------------------------ checkpoint / export
+    def save_checkpoint(self, epoch: int, step: int, train_loss: float, val_loss: Optional[dict] = None,
+                        best_metric_key: str = "default") -> None:  # fmt: skip
+        super().save_checkpoint(epoch, step, train_loss, val_loss, best_metric_key=best_metric_key)
+        if self.checkpointer.config.enabled:
+            self._last_checkpoint = os.path.join(self.checkpointer.config.checkpoint_dir, f"epoch_{epoch}_step_{step}")
+
+    def run_train_validation_loop(self) -> None:
+        """NeMo's training loop, then the export pointer (``<checkpoint_dir>/final``, ``export.json``)."""
+        super().run_train_validation_loop()
+        if self._stopped_early or self.step_scheduler.sigterm_flag:
+            if self.dist_env.is_main:
+                logger.info(
+                    "stopped at step %d before the end (%s); checkpointed, no export written -- rerun the same "
+                    "command to resume",
+                    self.step_scheduler.step,
+                    "bard.stop_after_steps" if self._stopped_early else "SIGTERM",
+                )
+            return
+        self._write_export_pointer()
+
+    @property
+    def export_dir(self) -> Path:
+        """``<checkpoint_dir>/final``: the consolidated Hugging Face directory of the last step."""
+        return Path(self.checkpointer.config.checkpoint_dir) / "final"
+
+    def _final_consolidated(self) -> Optional[Path]:
+        candidates = []
+        if self._last_checkpoint is not None:
+            candidates.append(Path(self._last_checkpoint))
+        candidates.append(Path(self.checkpointer.config.checkpoint_dir) / "LATEST")
+        for ckpt in candidates:
+            consolidated = ckpt / "model" / "consolidated"
+            if (consolidated / "config.json").is_file():
+                return consolidated.resolve()
+        return None
+
+    def _export_metadata(self) -> dict:
+        return {"objective": self.objective, "recipe": f"{type(self).__module__}.{type(self).__name__}"}
+
+    def _write_export_pointer(self) -> None:
+        if not self.checkpointer.config.enabled:
+            logger.warning("checkpoint.enabled is false: no model export was written")
+            return
+        if self.dist_env.is_main:
+            consolidated = self._final_consolidated()
+            ckpt_dir = Path(self.checkpointer.config.checkpoint_dir)
+            if consolidated is None:
+                logger.warning(
+                    "no consolidated Hugging Face export found under %s (checkpoint.save_consolidated must be "
+                    "'final' or true); the next stage cannot load this run",
+                    ckpt_dir,
+                )
+            else:
+                self._complete_export(consolidated)
+                link = ckpt_dir / "final"
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                os.symlink(os.path.relpath(consolidated, ckpt_dir.resolve()), link, target_is_directory=True)
+                step_dir = consolidated.parent.parent.name
+                info = {
+                    "model_dir": str(consolidated),
+                    "final": str(link),
+                    "checkpoint": step_dir,
+                    "steps": int(self.step_scheduler.step),
+                    "epoch": int(self.step_scheduler.epoch),
+                    **self._export_metadata(),
+                }
+                (ckpt_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+                logger.info("model export: %s -> %s", link, consolidated)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _complete_export(self, consolidated: Path) -> None:
+        """Make sure the export is a complete model directory (processor / tokenizer files)."""
+        has_tokenizer = any((consolidated / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+        if not has_tokenizer and self.processor is not None:
+            self.processor.save_pretrained(str(consolidated))
+        elif not has_tokenizer:
+            logger.warning("%s has no tokenizer files and the run has no processor", consolidated)

@@ -1,0 +1,165 @@
+"""Stage-Wise Distillation (SWD): distil a large-block student from a small-block diffusion anchor.
+
+The student (block size ``B_s``, initialised from its own PBM export) and a frozen teacher (block
+size ``B_t < B_s``; e.g. the B=4 anchor, possibly a larger model sharing the tokenizer) receive the
+same corrupted row — tokens, positions, images — and differ only in their attention mask's block
+size. Loss at the student's corrupted noisy positions: ``ce_weight * CE + kd_weight * KD`` with KD
+from the teacher's top-k (see :mod:`nemo_automodel_bard.models.bard_vl.distillation`).
+
+Everything else is the PBM recipe: NeMo's FSDP2 / checkpointing / resume (optimizer state saved;
+the teacher, stored as ``self.teacher_model``, is never checkpointed), per-group learning rates,
+JSONL / W&B / MLflow logging and a consolidated Hugging Face export of the student.
+
+YAML (``recipes/tiny/swd.yaml``)::
+
+    recipe: nemo_automodel_bard.recipes.swd.BardVLSWDRecipe
+    model: {_target_: ...build_bard_vl, pretrained_model_name_or_path: <PBM export at B_s>}
+    teacher_model: {pretrained_model_name_or_path: <anchor export>, torch_dtype: bfloat16}
+    bard: {teacher_block_size: 4, ce_weight: 1.0, kd_weight: 0.5, kd_top_k: 16,
+           kd_direction: forward, kd_temperature: 1.0}
+
+Anchor modes are a matter of which teacher each run gets: ``fixed`` (one anchor for every student,
+as published) or ``previous`` (the distilled student of ``B/2`` teaches ``B``); the ``bard-vl``
+pipeline wires both (``swd.anchor``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer, swd_training_loss
+
+from .common import RecipeConfigError
+from .model_builder import ModelConfigError, check_model_path
+from .pbm import BardVLPBMRecipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BardVLSWDRecipe", "SWD_DEFAULTS"]
+
+#: published SWD settings
+SWD_DEFAULTS = {
+    "teacher_block_size": 4,
+    "ce_weight": 1.0,
+    "kd_weight": 0.5,
+    "kd_top_k": 16,
+    "kd_direction": "forward",
+    "kd_temperature": 1.0,
+}
+
+
+class BardVLSWDRecipe(BardVLPBMRecipe):
+    """SWD on NeMo-AutoModel's VLM recipe machinery (see the module docstring)."""
+
+    objective = "swd"
+    extra_bard_keys = frozenset(SWD_DEFAULTS) | {"teacher_attention"}
+
+    def _swd(self, key: str) -> Any:
+        return self.cfg.get(f"bard.{key}", SWD_DEFAULTS[key])
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        try:
+            check_model_path(self.cfg.get("teacher_model.pretrained_model_name_or_path", None),
+                             key="teacher_model.pretrained_model_name_or_path (the small-block anchor)")
+        except ModelConfigError as exc:
+            raise RecipeConfigError(str(exc)) from None
+        teacher_block = self._swd("teacher_block_size")
+        student_block = self.cfg.get("dataloader.collate_fn.block_size", None)
+        if not isinstance(teacher_block, int) or teacher_block < 1:
+            raise RecipeConfigError(f"bard.teacher_block_size must be a positive integer, got {teacher_block!r}")
+        if isinstance(student_block, int) and teacher_block >= student_block:
+            raise RecipeConfigError(
+                f"bard.teacher_block_size={teacher_block} must be smaller than the student's block size "
+                f"{student_block} (dataloader.collate_fn.block_size)"
+            )
+        if isinstance(student_block, int) and student_block % teacher_block:
+            raise RecipeConfigError(
+                f"the student's block size {student_block} must be a multiple of bard.teacher_block_size={teacher_block}"
+            )
+        if self._swd("kd_direction") not in ("forward", "reverse"):
+            raise RecipeConfigError(f"bard.kd_direction must be 'forward' or 'reverse', got {self._swd('kd_direction')!r}")
+        for key in ("ce_weight", "kd_weight", "kd_temperature"):
+            value = self._swd(key)
+            if not isinstance(value, (int, float)) or value < 0 or (key == "kd_temperature" and value == 0):
+                raise RecipeConfigError(f"bard.{key} must be a non-negative number (temperature > 0), got {value!r}")
+        if not isinstance(self._swd("kd_top_k"), int) or self._swd("kd_top_k") < 1:
+            raise RecipeConfigError(f"bard.kd_top_k must be a positive integer, got {self._swd('kd_top_k')!r}")
+
+    def setup(self) -> None:
+        """PBM setup for the student, then the frozen teacher (same tokenizer checked first)."""
+        super().setup()
+        teacher_path = str(self.cfg.get("teacher_model.pretrained_model_name_or_path"))
+        student_path = str(self.cfg.get("model.pretrained_model_name_or_path"))
+        try:
+            check_same_tokenizer(student_path, teacher_path)
+        except ValueError as exc:
+            raise RecipeConfigError(str(exc)) from None
+        self.teacher_model = self._build_teacher(teacher_path)
+        configured = getattr(self.teacher_model.config, "block_size", None)
+        if configured is not None and configured != self._swd("teacher_block_size") and self.dist_env.is_main:
+            logger.warning(
+                "teacher checkpoint was trained with block size %s but bard.teacher_block_size=%s",
+                configured, self._swd("teacher_block_size"),
+            )  # fmt: skip
+
+    def _build_teacher(self, path: str) -> torch.nn.Module:
+        from nemo_automodel_bard import BardVLForConditionalGeneration
+
+        dtype = self.cfg.get("teacher_model.torch_dtype", None) or self.cfg.get("model.torch_dtype", "float32")
+        dtype = getattr(torch, str(dtype).replace("torch.", "")) if isinstance(dtype, str) else dtype
+        attn = self.cfg.get("teacher_model.attn_implementation", None) or self.cfg.get("model.attn_implementation", "sdpa")
+        teacher = BardVLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        teacher.to(self.dist_env.device).eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def _compute_loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> tuple[torch.Tensor, dict]:
+        loss, metrics = swd_training_loss(
+            model,
+            self.teacher_model,
+            batch,
+            teacher_block_size=int(self._swd("teacher_block_size")),
+            ce_weight=float(self._swd("ce_weight")),
+            kd_weight=float(self._swd("kd_weight")),
+            top_k=int(self._swd("kd_top_k")),
+            direction=str(self._swd("kd_direction")),
+            temperature=float(self._swd("kd_temperature")),
+            attention=self.attention,
+            teacher_attention=self.cfg.get("bard.teacher_attention", "auto"),
+            denominator=denominator,
+        )
+        m = float(metrics["num_loss_tokens"])
+        self._kd_sums = getattr(self, "_kd_sums", {"kd": 0.0, "agree": 0.0, "teacher_correct": 0.0, "m": 0.0})
+        self._kd_sums["kd"] += float(metrics["kd"]) * m
+        self._kd_sums["agree"] += float(metrics["agreement"]) * m
+        self._kd_sums["teacher_correct"] += float(metrics["teacher_accuracy"]) * m
+        self._kd_sums["m"] += m
+        return loss, {"ce_sum": float(metrics["ce"]) * m, "correct": float(metrics["accuracy"]) * m}
+
+    def _run_validation_epoch(self, val_dataloader: Any) -> Any:
+        saved = getattr(self, "_kd_sums", None)  # validation forwards must not leak into training metrics
+        try:
+            return super()._run_validation_epoch(val_dataloader)
+        finally:
+            self._kd_sums = saved or {"kd": 0.0, "agree": 0.0, "teacher_correct": 0.0, "m": 0.0}
+
+    def _extra_metrics(self, totals: dict[str, float]) -> dict[str, Any]:
+        out = super()._extra_metrics(totals)
+        sums = getattr(self, "_kd_sums", None)
+        if sums and sums["m"]:
+            kd, agree, teacher, m = self._allreduce_sum([sums["kd"], sums["agree"], sums["teacher_correct"], sums["m"]])
+            out.update(kd=kd / m, teacher_agreement=agree / m, teacher_accuracy=teacher / m,
+                       teacher_block_size=int(self._swd("teacher_block_size")))
+        self._kd_sums = {"kd": 0.0, "agree": 0.0, "teacher_correct": 0.0, "m": 0.0}
+        return out
+
+    def _export_metadata(self) -> dict:
+        return {
+            **super()._export_metadata(),
+            "teacher": str(self.cfg.get("teacher_model.pretrained_model_name_or_path")),
+            **{k: self._swd(k) for k in SWD_DEFAULTS},
+        }

@@ -1,0 +1,97 @@
+"""The bard-vl pipeline: config validation, a whole tiny chain, and a manifest that skips finished work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from nemo_automodel_bard.pipeline.app import config_dir, run_pipeline
+from nemo_automodel_bard.pipeline.validate import PipelineConfigError
+
+SMOKE_OVERRIDES = [
+    "ar_pretrain.max_steps=4",
+    "pbm.block_sizes=[2,4,8]",
+    "pbm.max_steps=2",
+    "swd.student_block_sizes=[8]",
+    "swd.teacher_block_size=4",
+    "swd.anchor_extra_steps=2",
+    "swd.max_steps=2",
+    "evaluate.num_samples=4",
+    "evaluate.batch_size=4",
+    "evaluate.max_new_tokens=16",
+    "evaluate.thresholds=[0.9]",
+    "data.train_size=64",
+]
+
+
+def _config(tmp_path: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        return compose(config_name="config", overrides=[f"work_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[ar_init,bogus]"], "unknown stage"),
+        (["pbm.block_sizes=[4,2,8]"], "strictly increasing"),
+        (["swd.teacher_block_size=16", "swd.student_block_sizes=[8]", "pbm.block_sizes=[2,4,8,16]"],
+         "must be smaller than the student's"),
+        (["model.init=/no/such/checkpoint"], "does not exist"),
+        (["stages=[pbm]"], "needs the outputs of 'ar_init'"),
+        (["data=jsonl"], "data.path is required"),
+    ],
+)
+def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message):
+    cfg = _config(tmp_path, overrides)
+    with pytest.raises(PipelineConfigError, match=message):
+        run_pipeline(cfg)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_automodel_bard.cli", f"work_dir={tmp_path}", "pbm.block_sizes=[8,4]"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "configuration error: pbm.block_sizes must be strictly increasing" in result.stderr
+
+
+def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
+    cfg = _config(tmp_path, SMOKE_OVERRIDES)
+    outputs = run_pipeline(cfg, tmp_path)
+    for stage in ("ar_pretrain", "ar_init", "pbm", "swd", "evaluate", "report"):
+        assert stage in outputs, stage
+    assert (Path(outputs["ar_init"]["model_dir"]) / "config.json").exists()
+    for block in (2, 4, 8):
+        config = json.loads((Path(outputs["pbm"][f"b{block}_dir"]) / "config.json").read_text())
+        assert config["block_size"] == block and config["model_type"] == "bard_vl"
+    for key in ("kd_b8_dir", "ce_b8_dir", "anchor_dir"):
+        assert (Path(outputs["swd"][key]) / "config.json").exists()
+        assert list(Path(outputs["swd"][key]).glob("*.safetensors"))
+    results = [json.loads(Path(e["result_file"]).read_text()) for e in outputs["evaluate"]["entries"]]
+    names = {r["name"] for r in results}
+    assert {"ar", "pbm_b2", "pbm_b8", "swd_kd_b8", "swd_ce_b8"} <= names
+    for r in results:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_forward"] > 0 and r["n"] == 4
+    report = Path(outputs["report"]["report_file"])
+    assert report.exists() and "| model |" in report.read_text()
+    assert (tmp_path / "accuracy_vs_tokens_per_forward.png").exists()
+    assert (tmp_path / "loss_curves.png").exists()
+
+    # the same command again: every stage is found in the manifest, nothing is trained or decoded
+    import nemo_automodel_bard.pipeline.evaluate as evaluate
+    import nemo_automodel_bard.pipeline.stages as stages
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(stages, "run_recipe", refuse)
+    monkeypatch.setattr(evaluate, "evaluate_model", refuse)
+    again = run_pipeline(_config(tmp_path, SMOKE_OVERRIDES), tmp_path)
+    assert again["pbm"] == outputs["pbm"] and again["swd"] == outputs["swd"]

@@ -1,0 +1,137 @@
+"""SWD recipe: runs, resumes exactly, never saves the teacher, refuses bad teachers; real-size YAMLs parse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nemo_automodel_bard.recipes.common import RecipeConfigError, load_recipe_config, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SWD = ROOT / "recipes" / "tiny" / "swd.yaml"
+QUICK = [
+    "--step_scheduler.global_batch_size=4",
+    "--step_scheduler.local_batch_size=2",
+    "--step_scheduler.ckpt_every_steps=100",
+    "--validation_dataset=None",
+    "--dataset.size=32",
+    "--bard.progress_bar=false",
+    "--dataloader.collate_fn.block_size=8",
+]
+
+
+def _weights(directory: Path) -> dict:
+    out = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir, tmp_path_factory):
+    """A different tiny model with the same tokenizer (the anchor)."""
+    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "anchor", seed=7, block_size=4)
+
+
+def _common(student: Path, teacher: Path, steps: int) -> list[str]:
+    return [
+        f"--model.pretrained_model_name_or_path={student}",
+        f"--teacher_model.pretrained_model_name_or_path={teacher}",
+        f"--step_scheduler.max_steps={steps}",
+        *QUICK,
+    ]
+
+
+def test_swd_resume_matches_uninterrupted_and_teacher_is_not_saved(tiny_model_dir, teacher_dir, tmp_path):
+    common = _common(tiny_model_dir, teacher_dir, 4)
+    full = run_recipe(SWD, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
+    assert full.teacher_model is not None
+    assert all(not p.requires_grad for p in full.teacher_model.parameters())
+    assert all(p.grad is None for p in full.teacher_model.parameters())
+    stopped = run_recipe(SWD, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}", "--bard.stop_after_steps=2"])
+    assert stopped.step_scheduler.step == 2
+    checkpoint = tmp_path / "b" / "epoch_0_step_1"
+    assert (checkpoint / "optim").is_dir()  # optimizer state is in the checkpoint
+    saved = " ".join(p.name for p in checkpoint.rglob("*"))
+    assert "teacher" not in saved
+    run_recipe(SWD, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"])
+    a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    student_keys = set(_weights(tiny_model_dir))
+    assert set(a) == student_keys == set(b)  # the export is the student alone
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = _jsonl(tmp_path / "a" / "training.jsonl"), _jsonl(tmp_path / "b" / "training.jsonl")
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert all(r["kd"] > 0 and r["teacher_block_size"] == 4 for r in log_a)
+    config = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
+    assert config["block_size"] == 8
+    # the anchor's weights are untouched
+    assert all(torch.equal(v, _weights(teacher_dir)[k]) for k, v in _weights(teacher_dir).items())
+
+
+def test_swd_kd_weight_zero_does_not_depend_on_the_teacher(tiny_model_dir, teacher_dir, tmp_path):
+    losses = []
+    for name, teacher in (("c", teacher_dir), ("d", tiny_model_dir)):
+        run_recipe(SWD, [*_common(tiny_model_dir, teacher, 1), "--bard.kd_weight=0",
+                         f"--checkpoint.checkpoint_dir={tmp_path / name}"])
+        losses.append(_jsonl(tmp_path / name / "training.jsonl")[0])
+    assert losses[0]["loss"] == losses[1]["loss"]
+    assert losses[0]["kd"] != losses[1]["kd"]  # the KD term is still measured, just not trained on
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--bard.teacher_block_size=8", "must be smaller than the student's block size"),
+        ("--bard.kd_direction=sideways", "kd_direction must be 'forward' or 'reverse'"),
+        ("--teacher_model.pretrained_model_name_or_path=/no/such/anchor", "does not exist"),
+    ],
+)
+def test_swd_config_errors(tiny_model_dir, teacher_dir, tmp_path, override, message):
+    with pytest.raises(RecipeConfigError, match=message):
+        run_recipe(SWD, [*_common(tiny_model_dir, teacher_dir, 1), override,
+                         f"--checkpoint.checkpoint_dir={tmp_path / 'x'}"])
+
+
+def test_swd_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, tmp_path):
+    from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer, write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other", seed=3)
+    build_tiny_tokenizer(["a different corpus gives different merges"] * 3, vocab_size=300).save_pretrained(other)
+    with pytest.raises(RecipeConfigError, match="teacher tokenizer .* differs"):
+        run_recipe(SWD, [*_common(tiny_model_dir, other, 1), f"--checkpoint.checkpoint_dir={tmp_path / 'y'}"])
+
+
+def test_swd_two_process_gloo_run(tiny_model_dir, teacher_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "nemo_automodel.cli.app", str(SWD), *_common(tiny_model_dir, teacher_dir, 2),
+           f"--checkpoint.checkpoint_dir={tmp_path / 'np2'}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one = run_recipe(SWD, [*_common(tiny_model_dir, teacher_dir, 2), f"--checkpoint.checkpoint_dir={tmp_path / 'np1'}"])
+    assert one is not None
+    two_log, one_log = _jsonl(tmp_path / "np2" / "training.jsonl"), _jsonl(tmp_path / "np1" / "training.jsonl")
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-4)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("qwen3_vl_*/swd*.yaml")))
+def test_real_size_swd_templates_parse(path):
+    cfg = load_recipe_config(path)
+    assert cfg.get("recipe").endswith("BardVLSWDRecipe") if isinstance(cfg.get("recipe"), str) else True
+    assert cfg.get("optimizer.lr") == pytest.approx(6e-6)
+    assert cfg.get("step_scheduler.num_epochs") == 3
+    assert cfg.get("lr_scheduler.lr_warmup_steps") == 100
+    assert cfg.get("bard.teacher_block_size") == 4 and cfg.get("bard.kd_top_k") == 16
+    assert cfg.get("bard.kd_weight") == 0.5 and cfg.get("bard.ce_weight") == 1.0
+    assert "pbm_b4" in str(cfg.get("teacher_model.pretrained_model_name_or_path"))

@@ -1,0 +1,95 @@
+"""The shipped recipe YAMLs parse with NeMo's loader, chain their stages and carry the published settings."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from nemo_automodel_bard.recipes.common import load_recipe_config
+
+ROOT = Path(__file__).resolve().parents[1] / "recipes"
+BLOCKS = (2, 4, 8, 16, 32)
+SIZES = ("qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b")
+
+
+def _load(path: Path, monkeypatch):
+    monkeypatch.delenv("BARD_RUNS", raising=False)
+    monkeypatch.delenv("BARD_TINY_RUNS", raising=False)
+    monkeypatch.delenv("BARD_DATA", raising=False)
+    return load_recipe_config(path)
+
+
+def _recipe_class(cfg):
+    module, name = str(cfg.get("recipe")).rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("folder", ["tiny", *SIZES])
+def test_pbm_stages_chain_from_the_previous_export(folder, monkeypatch):
+    first_init = "runs/tiny/ar_init" if folder == "tiny" else f"runs/{folder}/ar_init"
+    previous_dir = None
+    for block in BLOCKS:
+        cfg = _load(ROOT / folder / f"pbm_b{block}.yaml", monkeypatch)
+        assert _recipe_class(cfg).__name__ == "BardVLPBMRecipe"
+        assert cfg.get("dataloader.collate_fn.block_size") == block
+        checkpoint_dir = str(cfg.get("checkpoint.checkpoint_dir"))
+        assert checkpoint_dir.endswith(f"pbm_b{block}")
+        model_path = str(cfg.get("model.pretrained_model_name_or_path"))
+        assert model_path == (first_init if previous_dir is None else f"{previous_dir}/final")
+        assert cfg.get("checkpoint.save_consolidated") == "final"
+        previous_dir = checkpoint_dir
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_real_size_templates_carry_the_published_hyperparameters(size, block, monkeypatch):
+    cfg = _load(ROOT / size / f"pbm_b{block}.yaml", monkeypatch)
+    assert cfg.get("optimizer.lr") == pytest.approx(2e-5)
+    assert list(cfg.get("optimizer.betas")) == [0.9, 0.95]
+    assert cfg.get("optimizer.weight_decay") == 0.0
+    groups = [dict(g.to_dict()) for g in cfg.get("optimizer.param_group_overrides")]
+    assert groups[0]["lr_mult"] == 1.0 and "merger" in groups[0]["pattern"]  # merger: 2e-5
+    assert groups[1]["lr_mult"] == pytest.approx(0.1)  # vision tower: 2e-6
+    assert cfg.get("step_scheduler.global_batch_size") == 256
+    assert cfg.get("lr_scheduler.lr_decay_style") == "cosine"
+    assert cfg.get("clip_grad_norm.max_norm") == 1.0
+    assert cfg.get("model.torch_dtype") == "bfloat16"
+    assert cfg.get("model.attn_implementation") == "flex_attention"
+    assert cfg.get("distributed.strategy") == "fsdp2"
+    assert cfg.get("dist_env.backend") == "nccl"
+    assert str(cfg.get("dataset.path")) == "data/bard_vl/train.jsonl"
+    assert str(cfg.get("dataset.image_root")) == "data/bard_vl"
+
+
+def test_param_group_patterns_split_the_three_components():
+    import re
+
+    from nemo_automodel_bard.recipes.common import param_group_kind
+
+    cfg = load_recipe_config(ROOT / "qwen3_vl_4b" / "pbm_b4.yaml")
+    patterns = [g.get("pattern") for g in cfg.get("optimizer.param_group_overrides")]
+
+    def group(name: str) -> int:  # NeMo's rule: the first matching pattern wins, else group 0
+        return next((i + 1 for i, p in enumerate(patterns) if re.search(p, name)), 0)
+
+    names = {
+        "model.language_model.layers.0.mlp.up_proj.weight": (0, "language"),
+        "lm_head.weight": (0, "language"),
+        "model.visual.merger.linear_fc1.weight": (1, "merger"),
+        "model.visual.deepstack_merger_list.0.norm.weight": (1, "merger"),
+        "model.visual.blocks.3.attn.qkv.weight": (2, "vision"),
+        "model.visual.patch_embed.proj.weight": (2, "vision"),
+        "model.visual.pos_embed.weight": (2, "vision"),
+    }
+    for name, (index, kind) in names.items():
+        assert group(name) == index, name
+        assert param_group_kind(name) == kind, name
+
+
+def test_tiny_ar_pretrain_recipe(monkeypatch):
+    cfg = _load(ROOT / "tiny" / "ar_pretrain.yaml", monkeypatch)
+    assert _recipe_class(cfg).__name__ == "BardVLARPretrainRecipe"
+    assert str(cfg.get("checkpoint.checkpoint_dir")) == "runs/tiny/ar"
+    assert cfg.get("model.tiny") is not None

@@ -1,0 +1,107 @@
+"""SWD loss: same row for teacher and student, top-k KD, no gradient to the teacher, tokenizer check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_automodel_bard.data.chat_dataset import shapes_dataset
+from nemo_automodel_bard.data.collator import BardVLCollator
+from nemo_automodel_bard.diffusion.masks import reblock
+from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer, swd_training_loss, teacher_view
+
+
+@pytest.fixture(scope="module")
+def swd_batch(tiny_processor):
+    collator = BardVLCollator(processor=tiny_processor, block_size=8, seed=3)
+    dataset = shapes_dataset(split="train", size=3, seed=0)
+    return collator([dataset[i] for i in range(3)])
+
+
+def test_teacher_view_changes_only_block_ids(swd_batch):
+    view = teacher_view(swd_batch, 4)
+    for key in ("input_ids", "position_ids", "token_type", "loss_positions", "pixel_values"):
+        assert torch.equal(torch.as_tensor(view[key]), torch.as_tensor(swd_batch[key]))
+    assert torch.equal(view["block_ids"], reblock(swd_batch["token_type"], swd_batch["doc_ids"], 4))
+    assert not torch.equal(view["block_ids"], torch.as_tensor(swd_batch["block_ids"]))
+    # same block size: the view is the student's own layout
+    assert torch.equal(teacher_view(swd_batch, 8)["block_ids"], torch.as_tensor(swd_batch["block_ids"]))
+
+
+def test_kd_is_zero_when_student_equals_teacher(tiny_model, swd_batch):
+    vocab = tiny_model.config.text_config.vocab_size
+    teacher = copy.deepcopy(tiny_model)
+    loss, metrics = swd_training_loss(tiny_model, teacher, swd_batch, teacher_block_size=8, ce_weight=0.0,
+                                      kd_weight=1.0, top_k=vocab)
+    assert abs(float(metrics["kd"])) < 1e-5 and abs(float(loss)) < 1e-5
+    assert float(metrics["agreement"]) == 1.0
+    # a smaller-block teacher is a different model of the same row: KD > 0
+    _, other = swd_training_loss(tiny_model, teacher, swd_batch, teacher_block_size=4, ce_weight=0.0,
+                                 kd_weight=1.0, top_k=vocab)
+    assert float(other["kd"]) > 1e-4
+
+
+def test_no_gradient_reaches_the_teacher_and_kd_decreases_with_training(tiny_model, swd_batch, tiny_model_dir):
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+
+    torch.manual_seed(1)
+    teacher = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():  # a different teacher: perturb its weights
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher.requires_grad_(True)  # even if left trainable, the loss must not reach it
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    optimizer = torch.optim.Adam(tiny_model.parameters(), lr=3e-3)
+    kds = []
+    for _ in range(8):
+        loss, metrics = swd_training_loss(tiny_model, teacher, swd_batch, teacher_block_size=4, ce_weight=0.0,
+                                          kd_weight=1.0, top_k=16)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        kds.append(float(metrics["kd"]))
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
+    assert kds[0] > 0 and kds[-1] < 0.7 * kds[0]
+
+
+def test_topk_kd_matches_a_reference_from_full_logits(tiny_model, swd_batch, tiny_model_dir):
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+    from nemo_automodel_bard.models.bard_vl.training import build_training_mask
+
+    teacher = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(1.1)
+    k = 16
+    _, metrics = swd_training_loss(tiny_model, teacher, swd_batch, teacher_block_size=4, ce_weight=1.0,
+                                   kd_weight=0.5, top_k=k)
+    # reference: full logits of both models at every position, restricted afterwards
+    inputs = dict(input_ids=swd_batch["input_ids"], position_ids=swd_batch["position_ids"],
+                  pixel_values=swd_batch["pixel_values"], image_grid_thw=swd_batch["image_grid_thw"],
+                  mm_token_type_ids=swd_batch["mm_token_type_ids"])
+    with torch.no_grad():
+        t_full = teacher(attention_mask=build_training_mask(teacher, teacher_view(swd_batch, 4)), **inputs).logits
+        s_full = tiny_model(attention_mask=build_training_mask(tiny_model, swd_batch), **inputs).logits
+    pos = swd_batch["loss_positions"]
+    t = t_full.reshape(-1, t_full.shape[-1])[pos]
+    s = s_full.reshape(-1, s_full.shape[-1])[pos]
+    values, ids = t.topk(k, dim=-1)
+    p_t = values.softmax(-1)
+    log_q = s.log_softmax(-1).gather(-1, ids)
+    kd_ref = (p_t * (p_t.log() - log_q)).sum(-1).mean()
+    ce_ref = F.cross_entropy(s, swd_batch["loss_targets"])
+    torch.testing.assert_close(metrics["kd"], kd_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["ce"], ce_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tokenizer_mismatch_is_refused(tiny_model_dir, tmp_path):
+    from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer
+
+    check_same_tokenizer(tiny_model_dir, tiny_model_dir)
+    build_tiny_tokenizer(["completely different text for another vocabulary"] * 5, vocab_size=300).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="teacher tokenizer .* differs from the student's"):
+        check_same_tokenizer(tiny_model_dir, tmp_path)
