@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import one_thread  # noqa: F401 - fixture
 import torch
 from PIL import Image
 
@@ -11,11 +12,8 @@ from nemo_automodel_bard.decoding import ar_generate
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def _chat(processor, content) -> str:

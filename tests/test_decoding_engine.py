@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import boost_logits
 import torch
 from PIL import Image
 
@@ -92,25 +93,7 @@ def _count_forwards(model) -> list:
     return calls
 
 
-def _boost(model, rule) -> None:
-    """Wrap forward: ``rule(batch_index, position, input_token) -> (token, amount) | None`` per logits row."""
-    original = model.forward
-
-    def boosted(*args, **kwargs):
-        out = original(*args, **kwargs)
-        rows = kwargs.get("logits_positions")
-        if rows is None or rows.numel() == 0:
-            return out
-        q_len = kwargs["input_ids"].shape[1]
-        positions = kwargs["position_ids"][0].reshape(-1)[rows]
-        tokens = kwargs["input_ids"].reshape(-1)[rows]
-        for r in range(rows.numel()):
-            hit = rule(int(rows[r]) // q_len, int(positions[r]), int(tokens[r]))
-            if hit is not None:
-                out.logits[r, hit[0]] += hit[1]
-        return out
-
-    model.forward = boosted
+_boost = boost_logits
 
 
 def _response_start(model, inputs) -> int:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from helpers import one_thread  # noqa: F401 - fixture
 import torch
 
 from nemo_automodel_bard.demo import model_card_generate, write_demo_image, write_demo_video
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ what is reproducible, what is refused); forward hooks create the situations to t
 from __future__ import annotations
 
 import pytest
+from helpers import boost_logits, one_thread  # noqa: F401 - fixture
 import torch
 
 from nemo_automodel_bard.decoding import (
@@ -20,11 +21,8 @@ from nemo_automodel_bard.decoding import (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -35,25 +33,7 @@ def prompt(tiny_processor):
     return dict(tiny_processor(text=[text], return_tensors="pt"))
 
 
-def _boost(model, rule) -> None:
-    """Wrap forward: ``rule(batch_index, position, input_token) -> (token, amount) | None`` per logits row."""
-    original = model.forward
-
-    def boosted(*args, **kwargs):
-        out = original(*args, **kwargs)
-        rows = kwargs.get("logits_positions")
-        if rows is None or rows.numel() == 0:
-            return out
-        q_len = kwargs["input_ids"].shape[1]
-        positions = kwargs["position_ids"][0].reshape(-1)[rows]
-        tokens = kwargs["input_ids"].reshape(-1)[rows]
-        for r in range(rows.numel()):
-            hit = rule(int(rows[r]) // q_len, int(positions[r]), int(tokens[r]))
-            if hit is not None:
-                out.logits[r, hit[0]] += hit[1]
-        return out
-
-    model.forward = boosted
+_boost = boost_logits
 
 
 # ------------------------------------------------------------------------------------------ helpers' math

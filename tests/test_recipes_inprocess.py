@@ -10,30 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import QUICK_RECIPE, read_jsonl, read_weights
+
 from nemo_automodel_bard.recipes.common import RecipeConfigError, load_recipe_config, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PBM_B2 = ROOT / "recipes" / "tiny" / "pbm_b2.yaml"
 AR_YAML = ROOT / "recipes" / "tiny" / "ar_pretrain.yaml"
-QUICK = [
-    "--step_scheduler.global_batch_size=4",
-    "--step_scheduler.local_batch_size=2",
-    "--step_scheduler.ckpt_every_steps=100",
-    "--validation_dataset=None",
-    "--dataset.size=32",
-    "--bard.progress_bar=false",
-]
-
-
-def _weights(directory: Path) -> dict:
-    out = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+QUICK = QUICK_RECIPE
+_weights, _jsonl = read_weights, read_jsonl
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
