@@ -15,6 +15,7 @@ from nemo_automodel_bard.pipeline.validate import PipelineConfigError
 
 SMOKE_OVERRIDES = [
     "ar_pretrain.max_steps=4",
+    "ar_pretrain.vision_warmup_steps=2",
     "pbm.block_sizes=[2,4,8]",
     "pbm.max_steps=2",
     "swd.student_block_sizes=[8]",

@@ -59,6 +59,7 @@ __all__ = [
     "ShapesTask",
     "ShapesDataset",
     "approx_word_tokens",
+    "cell_labels",
     "format_answer",
     "layout_key",
     "layout_split",
@@ -491,6 +492,26 @@ def task_corpus(n: int = 2000, seed: int = 0, grid: int = 3) -> list[str]:
             prompt = VIDEO_PROMPT
         out.append(f"{prompt} {answer}")
     return out
+
+
+def cell_labels(objects: Iterable[Sequence[Any]], grid: int = 3) -> tuple[list[int], list[int]]:
+    """Per-cell class ids of a layout, in reading order (row-major): ``(colors, shapes)``.
+
+    ``0`` marks an empty cell; otherwise ``1 + COLORS.index(color)`` and ``1 + SHAPES.index(shape)``.
+    ``objects`` holds ``(color, shape, row, col)`` tuples (``ShapesSample.objects``).
+
+    Example:
+        >>> cell_labels([("red", "cross", 1, 2)], grid=2)
+        ([0, 1, 0, 0], [0, 4, 0, 0])
+    """
+    colors, shapes = [0] * (grid * grid), [0] * (grid * grid)
+    for color, shape, row, col in objects:
+        if not (1 <= row <= grid and 1 <= col <= grid):
+            raise ValueError(f"cell_labels: object {(color, shape, row, col)} is outside a {grid}x{grid} grid")
+        cell = (row - 1) * grid + (col - 1)
+        colors[cell] = 1 + COLORS.index(color)
+        shapes[cell] = 1 + SHAPES.index(shape)
+    return colors, shapes
 
 
 # ----------------------------------------------------------------------------------------------------------

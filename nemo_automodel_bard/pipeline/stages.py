@@ -103,8 +103,14 @@ def stage_ar_pretrain(ctx: Context) -> dict[str, Any]:
     if model.get("init"):
         return {"model_path": model["init"], "pretrained": True}
     section = ctx.cfg["ar_pretrain"]
-    out = _train(ctx, "ar_pretrain", section["recipe"], {"step_scheduler.max_steps": section["max_steps"]},
-                 section.get("overrides") or {})
+    overrides: dict[str, Any] = {"step_scheduler.max_steps": section["max_steps"]}
+    warmup_steps = int(section.get("vision_warmup_steps") or 0)
+    if ctx.cfg["data"]["kind"] == "shapes" and warmup_steps > 0:
+        overrides["model.vision_warmup.steps"] = warmup_steps
+        overrides["model.vision_warmup.data_seed"] = ctx.cfg["data"].get("seed", 0)
+    else:  # the warm-up uses the shapes task's per-cell labels; other data start from a random tower
+        overrides["model.vision_warmup"] = None
+    out = _train(ctx, "ar_pretrain", section["recipe"], overrides, section.get("overrides") or {})
     return {**out, "model_path": out["model_dir"]}
 
 

@@ -248,6 +248,7 @@ def build_qwen3_vl_ar(
     *,
     tiny: Optional[dict] = None,
     init_seed: int = 0,
+    vision_warmup: Optional[dict] = None,
     torch_dtype: Any = "float32",
     attn_implementation: str = "sdpa",
     distributed_setup: Any = None,
@@ -267,8 +268,15 @@ def build_qwen3_vl_ar(
             defaults); its token ids match ``build_tiny_processor()``, which the YAML must then use as
             ``processor:``.
         init_seed: seed of the random initialisation (the same on every rank).
+        vision_warmup: with ``tiny``, first pre-train the random vision tower on per-cell labels of the
+            embedded shapes task (keyword arguments of
+            :func:`~nemo_automodel_bard.recipes.vision_warmup.warm_up_vision_tower`, e.g. ``{steps: 100}``),
+            standing in for the pretrained vision encoder a real Qwen3-VL starts from. Seeded, so every
+            rank computes the same weights before sharding.
     """
     from nemo_automodel.components.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+
+    from nemo_automodel_bard.models.bard_vl.modeling_bard_vl import use_linear_patch_embed
 
     if tiny is not None:
         if pretrained_model_name_or_path is not None:
@@ -281,13 +289,23 @@ def build_qwen3_vl_ar(
             torch.manual_seed(int(init_seed))
             model = Qwen3VLForConditionalGeneration(copy.deepcopy(config))
         model = model.to(_dtype(torch_dtype))
+        use_linear_patch_embed(model)
+        if vision_warmup:
+            from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_processor
+            from nemo_automodel_bard.recipes.vision_warmup import warmup_from_config
+
+            with torch.random.fork_rng(devices=[]):
+                warmup_from_config(model, build_tiny_processor(), dict(vision_warmup))
     else:
+        if vision_warmup:
+            raise ModelConfigError("model.vision_warmup only applies to a random tiny model (model.tiny)")
         local = check_model_path(pretrained_model_name_or_path)
         if local is not None:
             check_model_type(local, "qwen3_vl")
         model = Qwen3VLForConditionalGeneration.from_pretrained(
             pretrained_model_name_or_path, dtype=_dtype(torch_dtype), attn_implementation=attn_implementation
         )
+        use_linear_patch_embed(model)
     return _apply_infrastructure(
         model,
         pretrained_model_name_or_path,
