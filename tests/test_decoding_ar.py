@@ -48,6 +48,7 @@ def test_kv_cache_decoding_equals_recomputing_the_causal_forward(tiny_model, tin
     assert stats["forwards_total"] == len(calls) == 10 == stats["prefill_forwards"] + stats["decode_forwards"]
     assert calls[0][1] == batch["input_ids"].shape[1] and all(shape == (1, 1) for shape in calls[1:])
     assert stats["num_response_tokens"] == 10 and stats["tokens_per_forward"] == 1.0
+    assert stats["forwards_per_sample"] == [stats["forwards_total"]] * len(stats["forwards_per_sample"])
     tiny_model.__dict__.pop("forward")
 
     # naive: no cache, the whole sequence through a causal mask each time, prediction shifted by one
@@ -105,6 +106,7 @@ def test_eos_stops_each_sample_and_is_counted(tiny_model, tiny_processor):
     assert ids[1, 5].item() == eos
     assert stats["response_tokens_per_sample"] == [4, 6] and stats["num_response_tokens"] == 10
     assert stats["forwards_total"] == len(calls) == 6
+    assert stats["forwards_per_sample"] == [4, 6]  # sample 0 needed 4 forwards (prefill + 3), not the batch's 6
 
 
 def test_bad_arguments(tiny_model, tiny_processor):

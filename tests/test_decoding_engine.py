@@ -176,6 +176,8 @@ def test_batch_output_equals_single_output(model, toy, fused):
             assert stats["response_tokens_per_sample"][i] == n
             assert stats["block_step_counts"][i][: alone_stats["num_blocks"]] == alone_stats["block_step_counts"]
             assert all(s == 0 for s in stats["block_step_counts"][i][alone_stats["num_blocks"] :])
+            # a sample's own forwards in the batch are exactly what it costs decoded alone
+            assert stats["forwards_per_sample"][i] == alone_stats["forwards_total"] == alone_stats["forwards_per_sample"][0]
         assert stats["num_response_tokens"] == sum(stats["response_tokens_per_sample"])
 
 

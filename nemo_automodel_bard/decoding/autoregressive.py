@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .inputs import media_inputs
 from .unmasking import propose_tokens
 
 
@@ -76,6 +77,7 @@ def ar_generate(
     Returns:
         ``(ids [batch, n], stats)``; ``stats`` has ``forwards_total``, ``prefill_forwards``,
         ``decode_forwards``, ``num_response_tokens`` (up to EOS), ``response_tokens_per_sample``,
+        ``forwards_per_sample`` (forwards until each sample's EOS),
         ``tokens_per_forward``, ``elapsed_s``, ``tokens_per_second``.
     """
     from transformers import DynamicCache
@@ -123,11 +125,7 @@ def ar_generate(
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
-        pixel_values=data.get("pixel_values"),
-        pixel_values_videos=data.get("pixel_values_videos"),
-        image_grid_thw=data.get("image_grid_thw"),
-        video_grid_thw=data.get("video_grid_thw"),
-        mm_token_type_ids=data.get("mm_token_type_ids"),
+        **media_inputs(data),
         **kwargs,
     )
     forwards = {"prefill": 1, "decode": 0}
@@ -180,6 +178,7 @@ def ar_generate(
         "decode_forwards": forwards["decode"],
         "num_response_tokens": num_tokens,
         "response_tokens_per_sample": per_sample,
+        "forwards_per_sample": [max(n, 1) for n in per_sample],  # prefill gives token 1, one decode per later token
         "tokens_per_forward": num_tokens / max(batch * total, 1),
         "elapsed_s": elapsed,
         "tokens_per_second": num_tokens / max(elapsed, 1e-9),

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .inputs import media_inputs
 from .unmasking import UnmaskingRule, propose_tokens, select_commits, transfer_schedule
 
 _MODEL_INPUT_KEYS = (
@@ -345,11 +346,7 @@ class _BlockDecoder:
             position_ids=prompt_pos,
             past_key_values=self.cache,
             use_cache=True,
-            pixel_values=data.get("pixel_values"),
-            pixel_values_videos=data.get("pixel_values_videos"),
-            image_grid_thw=data.get("image_grid_thw"),
-            video_grid_thw=data.get("video_grid_thw"),
-            mm_token_type_ids=data.get("mm_token_type_ids"),
+            **media_inputs(data),
             logits_positions=self._empty,
         )
         self.forwards["prefill"] += 1
@@ -514,7 +511,10 @@ def block_diffusion_generate(
             value from ``generation_config`` / ``model.generation_config``, then the defaults.
         return_step_stats: also return a statistics dict (published keys ``block_step_counts``,
             ``num_response_tokens``, ``num_denoising_steps``, ``tpf`` plus ``forwards_total``,
-            ``tokens_per_forward``, ...), every forward counted and tokens counted up to EOS.
+            ``tokens_per_forward``, ``forwards_per_sample`` ...), every forward counted and tokens
+            counted up to EOS. ``tokens_per_forward`` divides by the batch's forwards (a sample that
+            finished early still waits for the others); ``forwards_per_sample`` holds the forwards each
+            sample itself took part in until its EOS (prefill included), i.e. what it costs at batch 1.
         fused_commit: write a finished block's K/V in the next block's first forward (default).
         revise: allow replacing committed tokens of the current block when the model now prefers
             another token with probability above ``revision_threshold``; a sample whose block is
@@ -633,6 +633,11 @@ def _decode(
     block_steps = dec.steps_per_sample(histories).cpu()
     lengths_list = lengths.cpu().tolist()
     num_tokens = int(sum(lengths_list))
+    # forwards each sample took part in until its EOS: prefill, its denoising steps, the separate commit
+    # forwards between its blocks (not with fused commit), and every revision forward
+    active_blocks = (block_steps > 0).sum(-1)
+    commits = torch.zeros_like(active_blocks) if opts.fused_commit else (active_blocks - 1).clamp(min=0)
+    per_sample_forwards = forwards["prefill"] + block_steps.sum(-1) + commits + int(dec.revision_forwards)
     stats: dict[str, Any] = {
         # published keys (honest values: tokens up to EOS; batch 1 gives plain ints/lists)
         "block_step_counts": block_steps[0].tolist() if batch == 1 else block_steps.tolist(),
@@ -647,6 +652,7 @@ def _decode(
         "revision_forwards": int(dec.revision_forwards),
         "tokens_per_forward": num_tokens / max(batch * total_forwards, 1),
         "response_tokens_per_sample": lengths_list,
+        "forwards_per_sample": per_sample_forwards.tolist(),
         "num_blocks": blocks_done,
         "block_size": B,
         "denoising_steps": opts.denoising_steps,

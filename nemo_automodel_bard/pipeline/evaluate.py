@@ -108,7 +108,9 @@ def evaluate_model(
     """Decode every record and score it.
 
     Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``tokens_per_forward``
-    (response tokens up to EOS per sample per forward, prefill and every denoising forward counted),
+    (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
+    every denoising and commit forward counted -- the batch-1 cost), ``tokens_per_batch_forward`` (the
+    same over the batch's forwards, where early finishers wait for the longest answer),
     ``tokens_per_second``, ``forwards``, ``n``, ``predictions`` and optionally ``trajectory``.
     """
     from transformers import AutoProcessor
@@ -121,7 +123,7 @@ def evaluate_model(
     processor = AutoProcessor.from_pretrained(str(model_dir))
     block_size = int(block_size or model.config.block_size)
     predictions: list[str] = []
-    tokens = sample_forwards = 0
+    tokens = sample_forwards = batch_forwards = 0
     elapsed = 0.0
     trajectory = None
     for batch_index, chunk in enumerate(_batches(records, batch_size)):
@@ -142,7 +144,8 @@ def evaluate_model(
         elapsed += time.perf_counter() - start
         predictions += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         tokens += int(stats["num_response_tokens"])
-        sample_forwards += int(stats["forwards_total"]) * len(chunk)
+        sample_forwards += int(sum(stats["forwards_per_sample"]))
+        batch_forwards += int(stats["forwards_total"]) * len(chunk)
     result: dict[str, Any] = _score(data_kind, predictions, [r.reference for r in records])
     result.update(
         n=len(records),
@@ -150,6 +153,7 @@ def evaluate_model(
         block_size=block_size if mode != "ar" else 1,
         threshold=threshold if mode != "ar" else None,
         tokens_per_forward=tokens / max(sample_forwards, 1),
+        tokens_per_batch_forward=tokens / max(batch_forwards, 1),
         tokens_per_second=tokens / max(elapsed, 1e-9),
         response_tokens=tokens,
         predictions=[p.strip() for p in predictions],

@@ -231,6 +231,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             done = ctx.manifest.finished(f"evaluate:{ctx.output_dir}:{tag}", key)
             if done is None:
                 print(f"[bard-vl] evaluate {tag} on {len(records)} held-out samples", flush=True)
+                started = time.perf_counter()
                 wants_trajectory = name == final_name and threshold == thresholds[0]
                 result = evaluate_model(
                     model_dir, records, data_kind=ctx.cfg["data"]["kind"], mode="ar" if block is None else "diffusion",
@@ -241,7 +242,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                 )
                 result.update(name=name, model_dir=model_dir)
                 write_result(result, path)
-                ctx.manifest.record(f"evaluate:{ctx.output_dir}:{tag}", key, {"result_file": str(path)}, 0.0)
+                ctx.manifest.record(f"evaluate:{ctx.output_dir}:{tag}", key, {"result_file": str(path)},
+                                    time.perf_counter() - started)
             results["entries"].append({"name": name, "threshold": threshold, "block_size": block,
                                        "result_file": str(path)})
     return results

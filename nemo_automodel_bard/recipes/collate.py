@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from nemo_automodel_bard.data.ar_collator import ARChatCollator, append_tail_tokens
 from nemo_automodel_bard.data.collator import BardVLCollator, qwen3_vl_rope_index
 from nemo_automodel_bard.diffusion.masks import TokenType
 
@@ -169,17 +170,18 @@ def add_dummy_media_diffusion(batch: dict, parts: list[tuple], pad_token_id: int
     return out
 
 
-class BardCollate:
-    """Epoch-aware block-diffusion collator for NeMo: :class:`BardVLCollator` + dummy media.
+class _EpochAwareCollate:
+    """A chat collator (``collator_class``) plus dummy media, with NeMo's ``set_epoch`` hook.
 
     Args:
         processor: the Qwen3-VL processor (NeMo passes it).
         ensure_image: give every image-free batch a dummy image (see the module docstring).
         ensure_video: give every video-free batch a dummy video (data with videos, several ranks).
         dummy_size: side of the dummy image / frames in pixels (32 = one LLM token).
-        **collator_kwargs: :class:`BardVLCollator` arguments (``block_size``, ``max_length``,
-            ``noise_mode``, ``mask_token_id``, ...).
+        **collator_kwargs: arguments of the wrapped collator.
     """
+
+    collator_class: type
 
     def __init__(
         self,
@@ -190,12 +192,38 @@ class BardCollate:
         dummy_size: int = 32,
         **collator_kwargs: Any,
     ) -> None:
-        self.collator = BardVLCollator(processor=processor, **collator_kwargs)
+        self.collator = self.collator_class(processor=processor, **collator_kwargs)
         self.processor = self.collator.processor
         self.ensure_image = bool(ensure_image)
         self.ensure_video = bool(ensure_video)
         self.dummy = DummyMedia(self.processor, dummy_size)
         self.kwargs = dict(collator_kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the collator (called by NeMo's step scheduler)."""
+        self.collator.set_epoch(epoch)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict:
+        batch = self.collator(examples)
+        parts = _needed(batch, self.ensure_image, self.ensure_video, self.dummy)
+        return self._add_dummy_media(batch, parts) if parts else batch
+
+    def _add_dummy_media(self, batch: dict, parts: list) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.collator!r}, ensure_image={self.ensure_image}, "
+                f"ensure_video={self.ensure_video})")
+
+
+class BardCollate(_EpochAwareCollate):
+    """Epoch-aware block-diffusion collator for NeMo: :class:`BardVLCollator` + dummy media.
+
+    ``collator_kwargs`` are :class:`BardVLCollator` arguments (``block_size``, ``max_length``,
+    ``noise_mode``, ``mask_token_id``, ...); the epoch seeds the diffusion noise.
+    """
+
+    collator_class = BardVLCollator
 
     @property
     def block_size(self) -> int:
@@ -205,51 +233,17 @@ class BardCollate:
     def mask_token_id(self) -> int:
         return self.collator.mask_token_id
 
-    def set_epoch(self, epoch: int) -> None:
-        """Seed the noise of the coming epoch (called by NeMo's step scheduler)."""
-        self.collator.set_epoch(epoch)
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict:
-        batch = self.collator(examples)
-        parts = _needed(batch, self.ensure_image, self.ensure_video, self.dummy)
+    def _add_dummy_media(self, batch: dict, parts: list) -> dict:
         return add_dummy_media_diffusion(batch, parts, self.collator.pad_token_id)
 
-    def __repr__(self) -> str:
-        return f"BardCollate({self.collator!r}, ensure_image={self.ensure_image}, ensure_video={self.ensure_video})"
 
-
-class ARCollate:
+class ARCollate(_EpochAwareCollate):
     """Epoch-aware autoregressive collator for NeMo: :class:`~nemo_automodel_bard.data.ar_collator.ARChatCollator`
     + dummy media (appended after row 0's last token: causal attention keeps it invisible to real tokens)."""
 
-    def __init__(
-        self,
-        processor: Any = None,
-        *,
-        ensure_image: bool = True,
-        ensure_video: bool = False,
-        dummy_size: int = 32,
-        **collator_kwargs: Any,
-    ) -> None:
-        from nemo_automodel_bard.data.ar_collator import ARChatCollator
+    collator_class = ARChatCollator
 
-        self.collator = ARChatCollator(processor=processor, **collator_kwargs)
-        self.processor = self.collator.processor
-        self.ensure_image = bool(ensure_image)
-        self.ensure_video = bool(ensure_video)
-        self.dummy = DummyMedia(self.processor, dummy_size)
-        self.kwargs = dict(collator_kwargs)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.collator.set_epoch(epoch)
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict:
-        batch = self.collator(examples)
-        parts = _needed(batch, self.ensure_image, self.ensure_video, self.dummy)
-        if not parts:
-            return batch
-        from nemo_automodel_bard.data.ar_collator import append_tail_tokens
-
+    def _add_dummy_media(self, batch: dict, parts: list) -> dict:
         out = append_tail_tokens(
             batch,
             torch.cat([p[0] for p in parts]),

@@ -116,6 +116,17 @@ def _dtype(torch_dtype: Any) -> torch.dtype:
     return dtype_from_str(str(torch_dtype))
 
 
+#: keyword arguments NeMo's VLM recipe passes to a model target besides the YAML's own keys
+_INFRASTRUCTURE_KEYS = (
+    "distributed_setup", "peft_config", "freeze_config", "fp8_config", "compile_config", "quantization_config",
+)
+
+
+def _pop_infrastructure(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the recipe-passed infrastructure keywords out of ``kwargs`` (missing ones are ``None``)."""
+    return {key: kwargs.pop(key, None) for key in _INFRASTRUCTURE_KEYS}
+
+
 def _apply_infrastructure(
     model: torch.nn.Module,
     path: Optional[str],
@@ -170,13 +181,7 @@ def build_bard_vl(
     *,
     torch_dtype: Any = "float32",
     attn_implementation: str = "sdpa",
-    distributed_setup: Any = None,
-    peft_config: Any = None,
-    freeze_config: Optional[dict] = None,
-    fp8_config: Any = None,
-    compile_config: Any = None,
-    quantization_config: Any = None,
-    **from_pretrained_kwargs: Any,
+    **kwargs: Any,
 ) -> torch.nn.Module:
     """Load a Bard-VL directory for training and apply NeMo's distributed infrastructure.
 
@@ -188,8 +193,9 @@ def build_bard_vl(
         attn_implementation: ``sdpa`` / ``eager`` (dense additive mask) or ``flex_attention``
             (FlexAttention ``BlockMask`` for the text tower, SDPA for the vision tower; GPU only for
             training, since FlexAttention has no CPU backward).
-        distributed_setup, peft_config, freeze_config, fp8_config, compile_config, quantization_config:
-            passed by the recipe.
+        kwargs: what the recipe passes (``distributed_setup``, ``peft_config``, ``freeze_config``,
+            ``fp8_config``, ``compile_config``, ``quantization_config``); anything else goes to
+            ``from_pretrained``.
 
     Returns:
         the (possibly FSDP2-sharded) :class:`BardVLForConditionalGeneration` on the training device.
@@ -204,22 +210,14 @@ def build_bard_vl(
             "model.attn_implementation=flex_attention needs a GPU for training (FlexAttention has no CPU backward); "
             "use sdpa on CPU"
         )
+    infrastructure = _pop_infrastructure(kwargs)
     model = BardVLForConditionalGeneration.from_pretrained(
         pretrained_model_name_or_path,
         dtype=_dtype(torch_dtype),
         attn_implementation=attn_implementation,
-        **from_pretrained_kwargs,
+        **kwargs,
     )
-    return _apply_infrastructure(
-        model,
-        pretrained_model_name_or_path,
-        distributed_setup=distributed_setup,
-        peft_config=peft_config,
-        freeze_config=freeze_config,
-        fp8_config=fp8_config,
-        compile_config=compile_config,
-        quantization_config=quantization_config,
-    )
+    return _apply_infrastructure(model, pretrained_model_name_or_path, **infrastructure)
 
 
 def tiny_qwen3_vl_config(tokenizer: Any = None, **tiny_kwargs: Any):
@@ -251,12 +249,7 @@ def build_qwen3_vl_ar(
     vision_warmup: Optional[dict] = None,
     torch_dtype: Any = "float32",
     attn_implementation: str = "sdpa",
-    distributed_setup: Any = None,
-    peft_config: Any = None,
-    freeze_config: Optional[dict] = None,
-    fp8_config: Any = None,
-    compile_config: Any = None,
-    quantization_config: Any = None,
+    **infrastructure_kwargs: Any,
 ) -> torch.nn.Module:
     """A plain autoregressive Qwen3-VL for the AR objective (exports as ``model_type: qwen3_vl``).
 
@@ -273,11 +266,15 @@ def build_qwen3_vl_ar(
             :func:`~nemo_automodel_bard.recipes.vision_warmup.warm_up_vision_tower`, e.g. ``{steps: 100}``),
             standing in for the pretrained vision encoder a real Qwen3-VL starts from. Seeded, so every
             rank computes the same weights before sharding.
+        infrastructure_kwargs: what the recipe passes (``distributed_setup``, ``peft_config``, ...).
     """
     from nemo_automodel.components.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 
     from nemo_automodel_bard.models.bard_vl.modeling_bard_vl import use_linear_patch_embed
 
+    infrastructure = _pop_infrastructure(infrastructure_kwargs)
+    if infrastructure_kwargs:
+        raise ModelConfigError(f"model: unknown key(s) {sorted(infrastructure_kwargs)} for build_qwen3_vl_ar")
     if tiny is not None:
         if pretrained_model_name_or_path is not None:
             raise ModelConfigError("set either model.pretrained_model_name_or_path or model.tiny, not both")
@@ -306,16 +303,7 @@ def build_qwen3_vl_ar(
             pretrained_model_name_or_path, dtype=_dtype(torch_dtype), attn_implementation=attn_implementation
         )
         use_linear_patch_embed(model)
-    return _apply_infrastructure(
-        model,
-        pretrained_model_name_or_path,
-        distributed_setup=distributed_setup,
-        peft_config=peft_config,
-        freeze_config=freeze_config,
-        fp8_config=fp8_config,
-        compile_config=compile_config,
-        quantization_config=quantization_config,
-    )
+    return _apply_infrastructure(model, pretrained_model_name_or_path, **infrastructure)
 
 
 def write_tiny_qwen3_vl(out_dir: str | os.PathLike, *, seed: int = 0, **tiny_kwargs: Any) -> Path:
