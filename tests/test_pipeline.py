@@ -96,3 +96,16 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_model", refuse)
     again = run_pipeline(_config(tmp_path, SMOKE_OVERRIDES), tmp_path)
     assert again["pbm"] == outputs["pbm"] and again["swd"] == outputs["swd"]
+
+
+def test_torchrun_splits_the_tiny_micro_batch_over_ranks():
+    from nemo_automodel_bard.pipeline.stages import _batch_overrides, _world_size
+
+    yaml_path = Path(config_dir()).parent / "recipes" / "tiny" / "pbm_b4.yaml"
+    assert _world_size({"kind": "local"}) == 1
+    assert _world_size({"kind": "torchrun", "nproc_per_node": 2, "nnodes": 1}) == 2
+    assert _batch_overrides(yaml_path, 1, {}) == {}
+    assert _batch_overrides(yaml_path, 2, {}) == {"step_scheduler.local_batch_size": 16}
+    assert _batch_overrides(yaml_path, 2, {"step_scheduler.local_batch_size": 4}) == {}  # the user's choice wins
+    with pytest.raises(ValueError, match="does not split over 3 ranks"):
+        _batch_overrides(yaml_path, 3, {})

@@ -73,10 +73,34 @@ def _validation_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
+def _world_size(launcher: dict[str, Any]) -> int:
+    if launcher.get("kind") != "torchrun":
+        return 1
+    return int(launcher.get("nproc_per_node", 1) or 1) * int(launcher.get("nnodes", 1) or 1)
+
+
+def _batch_overrides(yaml_path: Path, world: int, given: dict[str, Any]) -> dict[str, Any]:
+    """Split the recipe's global batch over ``world`` ranks when its micro-batch would not fit (tiny YAMLs
+    use one micro-batch of 32 on one process); an explicit ``step_scheduler.local_batch_size`` wins."""
+    if world <= 1 or "step_scheduler.local_batch_size" in given:
+        return {}
+    import yaml
+
+    scheduler = (yaml.safe_load(yaml_path.read_text()) or {}).get("step_scheduler") or {}
+    global_batch = int(given.get("step_scheduler.global_batch_size", scheduler.get("global_batch_size", 0)) or 0)
+    local_batch = int(scheduler.get("local_batch_size", 0) or 0)
+    if global_batch and local_batch and local_batch * world > global_batch:
+        if global_batch % world:
+            raise ValueError(f"{yaml_path.name}: global_batch_size {global_batch} does not split over {world} ranks")
+        return {"step_scheduler.local_batch_size": global_batch // world}
+    return {}
+
+
 def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}``."""
     yaml_path = ctx.recipe_dir / recipe
     full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg), **(extra or {})}
+    full.update(_batch_overrides(yaml_path, _world_size(ctx.launcher), full))
     key = fingerprint({"recipe": str(yaml_path), "overrides": full, "launcher": ctx.launcher})
     stage_id = f"{name}"
     done = ctx.manifest.finished(stage_id, key)
