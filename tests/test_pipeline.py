@@ -45,6 +45,8 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["model.init=/no/such/checkpoint"], "does not exist"),
         (["stages=[pbm]"], "needs the outputs of 'ar_init'"),
         (["data=jsonl"], "data.path is required"),
+        (["pbm.max_steps=[10,10]"], r"2 entries for 5 block sizes"),
+        (["pbm.max_steps=[10,10,0,10,10]"], r"pbm.max_steps\[\] must be a positive integer"),
     ],
 )
 def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message):

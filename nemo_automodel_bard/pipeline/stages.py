@@ -169,13 +169,24 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     return _train(ctx, name, recipe, overrides, section.get("overrides") or {})
 
 
+def pbm_steps(section: dict[str, Any]) -> list[int]:
+    """``pbm.max_steps`` per block size: one int for every stage, or a list aligned with ``block_sizes``."""
+    steps = section["max_steps"]
+    blocks = list(section["block_sizes"])
+    if isinstance(steps, (list, tuple)):
+        if len(steps) != len(blocks):
+            raise ValueError(f"pbm.max_steps has {len(steps)} entries for {len(blocks)} block sizes {blocks}")
+        return [int(s) for s in steps]
+    return [int(steps)] * len(blocks)
+
+
 def stage_pbm(ctx: Context) -> dict[str, Any]:
     """Progressive block merging: each block size initialised from the previous stage's export."""
     section = ctx.cfg["pbm"]
     current = ctx.outputs["ar_init"]["model_dir"]
     result: dict[str, Any] = {"block_sizes": list(section["block_sizes"])}
-    for block in section["block_sizes"]:
-        out = _pbm_stage(ctx, int(block), current, int(section["max_steps"]), f"pbm_b{block}")
+    for block, steps in zip(section["block_sizes"], pbm_steps(section)):
+        out = _pbm_stage(ctx, int(block), current, steps, f"pbm_b{block}")
         result[f"b{block}_dir"] = current = out["model_dir"]
         result[f"b{block}_log"] = out["log_dir"]
     return result
@@ -289,4 +300,4 @@ STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "report": stage_report,
 }
 
-__all__ = ["Context", "STAGES", "STAGE_ORDER"]
+__all__ = ["Context", "STAGES", "STAGE_ORDER", "pbm_steps"]

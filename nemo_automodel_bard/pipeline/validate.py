@@ -35,7 +35,16 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError("pbm.block_sizes: empty")
     if any(b2 <= b1 for b1, b2 in zip(blocks, blocks[1:])):
         raise PipelineConfigError(f"pbm.block_sizes must be strictly increasing, got {blocks}")
-    _positive_int(cfg["pbm"]["max_steps"], "pbm.max_steps")
+    steps = cfg["pbm"]["max_steps"]
+    if isinstance(steps, (list, tuple)):
+        if len(steps) != len(blocks):
+            raise PipelineConfigError(
+                f"pbm.max_steps: {len(steps)} entries for {len(blocks)} block sizes {blocks} (one int, or one per block size)"
+            )
+        for value in steps:
+            _positive_int(value, "pbm.max_steps[]")
+    else:
+        _positive_int(steps, "pbm.max_steps")
 
     swd = cfg["swd"]
     if "swd" in stages:
