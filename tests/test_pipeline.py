@@ -18,6 +18,7 @@ SMOKE_OVERRIDES = [
     "ar_pretrain.vision_warmup_steps=2",
     "pbm.block_sizes=[2,4,8]",
     "pbm.max_steps=2",
+    "pbm.first_stage_steps=3",
     "swd.student_block_sizes=[8]",
     "swd.teacher_block_size=4",
     "swd.anchor_extra_steps=2",
@@ -47,6 +48,7 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["data=jsonl"], "data.path is required"),
         (["pbm.max_steps=[10,10]"], r"2 entries for 5 block sizes"),
         (["pbm.max_steps=[10,10,0,10,10]"], r"pbm.max_steps\[\] must be a positive integer"),
+        (["pbm.first_stage_steps=0"], r"pbm.first_stage_steps must be a positive integer"),
     ],
 )
 def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message):
@@ -71,9 +73,11 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     for stage in ("ar_pretrain", "ar_init", "pbm", "swd", "evaluate", "report"):
         assert stage in outputs, stage
     assert (Path(outputs["ar_init"]["model_dir"]) / "config.json").exists()
-    for block in (2, 4, 8):
+    for block, steps in ((2, 3), (4, 2), (8, 2)):
         config = json.loads((Path(outputs["pbm"][f"b{block}_dir"]) / "config.json").read_text())
         assert config["block_size"] == block and config["model_type"] == "bard_vl"
+        log = Path(outputs["pbm"][f"b{block}_log"]) / "training.jsonl"
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == steps - 1
     for key in ("kd_b8_dir", "ce_b8_dir", "anchor_dir"):
         assert (Path(outputs["swd"][key]) / "config.json").exists()
         assert list(Path(outputs["swd"][key]).glob("*.safetensors"))
@@ -111,3 +115,13 @@ def test_torchrun_splits_the_tiny_micro_batch_over_ranks():
     assert _batch_overrides(yaml_path, 2, {"step_scheduler.local_batch_size": 4}) == {}  # the user's choice wins
     with pytest.raises(ValueError, match="does not split over 3 ranks"):
         _batch_overrides(yaml_path, 3, {})
+
+
+def test_pbm_steps_per_block_size():
+    from nemo_automodel_bard.pipeline.stages import pbm_steps
+
+    assert pbm_steps({"block_sizes": [2, 4, 8], "max_steps": 5}) == [5, 5, 5]
+    assert pbm_steps({"block_sizes": [2, 4, 8], "max_steps": 5, "first_stage_steps": 9}) == [9, 5, 5]
+    assert pbm_steps({"block_sizes": [2, 4], "max_steps": [7, 3], "first_stage_steps": 9}) == [7, 3]
+    with pytest.raises(ValueError, match="1 entries for 2 block sizes"):
+        pbm_steps({"block_sizes": [2, 4], "max_steps": [7]})

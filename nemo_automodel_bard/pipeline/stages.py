@@ -170,14 +170,18 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
 
 
 def pbm_steps(section: dict[str, Any]) -> list[int]:
-    """``pbm.max_steps`` per block size: one int for every stage, or a list aligned with ``block_sizes``."""
+    """Steps per block size: ``pbm.max_steps`` (one int, or a list aligned with ``block_sizes``), with
+    ``pbm.first_stage_steps`` (if set) replacing the first stage's when ``max_steps`` is one int."""
     steps = section["max_steps"]
     blocks = list(section["block_sizes"])
     if isinstance(steps, (list, tuple)):
         if len(steps) != len(blocks):
             raise ValueError(f"pbm.max_steps has {len(steps)} entries for {len(blocks)} block sizes {blocks}")
         return [int(s) for s in steps]
-    return [int(steps)] * len(blocks)
+    out = [int(steps)] * len(blocks)
+    if out and section.get("first_stage_steps"):
+        out[0] = int(section["first_stage_steps"])
+    return out
 
 
 def stage_pbm(ctx: Context) -> dict[str, Any]:

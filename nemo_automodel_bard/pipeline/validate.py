@@ -45,6 +45,8 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
             _positive_int(value, "pbm.max_steps[]")
     else:
         _positive_int(steps, "pbm.max_steps")
+    if cfg["pbm"].get("first_stage_steps") is not None:
+        _positive_int(cfg["pbm"]["first_stage_steps"], "pbm.first_stage_steps")
 
     swd = cfg["swd"]
     if "swd" in stages:
