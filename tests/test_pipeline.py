@@ -103,6 +103,23 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     again = run_pipeline(_config(tmp_path, SMOKE_OVERRIDES), tmp_path)
     assert again["pbm"] == outputs["pbm"] and again["swd"] == outputs["swd"]
 
+    # a KD sweep retrains the distilled student only: the no-KD control does not depend on KD settings
+    trained = []
+
+    def fake_training(yaml_path, overrides, launcher, log_file):
+        trained.append(overrides["bard.kd_weight"])
+        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    sweep = _config(tmp_path, [*SMOKE_OVERRIDES, "swd.direction=reverse", "swd.temperature=2.0",
+                               "stages=[swd]"])
+    swept = run_pipeline(sweep, tmp_path)
+    assert trained == [0.5]
+    assert swept["swd"]["ce_b8_dir"] == outputs["swd"]["ce_b8_dir"]
+    assert swept["swd"]["kd_b8_dir"] != outputs["swd"]["kd_b8_dir"]
+
 
 def test_torchrun_splits_the_tiny_micro_batch_over_ranks():
     from nemo_automodel_bard.pipeline.stages import _batch_overrides, _world_size

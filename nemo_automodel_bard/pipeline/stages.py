@@ -196,6 +196,10 @@ def stage_pbm(ctx: Context) -> dict[str, Any]:
     return result
 
 
+#: KD settings handed to the no-KD control runs (unused there: their KD weight is 0)
+_CONTROL_KD = {"top_k": 16, "direction": "forward", "temperature": 1.0}
+
+
 def stage_swd(ctx: Context) -> dict[str, Any]:
     """Stage-wise distillation from a small-block anchor, plus equal-step controls without KD."""
     section = ctx.cfg["swd"]
@@ -219,6 +223,9 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
         if section.get("control", True):
             runs.append(("ce", 0.0))
         for label, kd_weight in runs:
+            # the control has no KD term: its run (and fingerprint) must not depend on the KD settings, so a
+            # sweep over them trains it once
+            kd = section if kd_weight else _CONTROL_KD
             overrides = {
                 "model.pretrained_model_name_or_path": pbm[f"b{student}_dir"],
                 "teacher_model.pretrained_model_name_or_path": teacher_dir,
@@ -227,9 +234,9 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                 "step_scheduler.max_steps": int(section["max_steps"]),
                 "bard.ce_weight": float(section["ce_weight"]),
                 "bard.kd_weight": kd_weight,
-                "bard.kd_top_k": int(section["top_k"]),
-                "bard.kd_direction": section["direction"],
-                "bard.kd_temperature": float(section["temperature"]),
+                "bard.kd_top_k": int(kd["top_k"]),
+                "bard.kd_direction": kd["direction"],
+                "bard.kd_temperature": float(kd["temperature"]),
             }
             out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {})
             result[f"{label}_b{student}_dir"] = out["model_dir"]
@@ -260,7 +267,9 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         candidates.append((f"anchor_b{swd['anchor_block_size']}", swd["anchor_dir"], int(swd["anchor_block_size"])))
     results_dir = ctx.output_dir / "eval"
     results: dict[str, Any] = {"results_dir": str(results_dir), "entries": []}
-    final_name = candidates[-1][0] if candidates else None
+    # the rendered trajectory is the final PBM stage's (largest block), else the last model decoded
+    pbm_names = [name for name, _, _ in candidates if name.startswith("pbm_b")]
+    final_name = pbm_names[-1] if pbm_names else (candidates[-1][0] if candidates else None)
     for name, model_dir, block in candidates:
         thresholds = [None] if block is None else list(section["thresholds"])
         for threshold in thresholds:
