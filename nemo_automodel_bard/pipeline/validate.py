@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .stages import STAGE_ORDER
+from .stages import STAGE_ORDER, pbm_steps
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,14 +37,14 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError(f"pbm.block_sizes must be strictly increasing, got {blocks}")
     steps = cfg["pbm"]["max_steps"]
     if isinstance(steps, (list, tuple)):
-        if len(steps) != len(blocks):
-            raise PipelineConfigError(
-                f"pbm.max_steps: {len(steps)} entries for {len(blocks)} block sizes {blocks} (one int, or one per block size)"
-            )
         for value in steps:
             _positive_int(value, "pbm.max_steps[]")
     else:
         _positive_int(steps, "pbm.max_steps")
+    try:
+        pbm_steps(cfg["pbm"])  # the same per-stage expansion the pbm stage uses
+    except ValueError as err:
+        raise PipelineConfigError(f"{err} (one int, or one per block size)") from None
     if cfg["pbm"].get("first_stage_steps") is not None:
         _positive_int(cfg["pbm"]["first_stage_steps"], "pbm.first_stage_steps")
 

@@ -280,7 +280,8 @@ def build_qwen3_vl_ar(
             raise ModelConfigError("set either model.pretrained_model_name_or_path or model.tiny, not both")
         from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer
 
-        config = tiny_qwen3_vl_config(build_tiny_tokenizer(), **dict(tiny))
+        tokenizer = build_tiny_tokenizer()
+        config = tiny_qwen3_vl_config(tokenizer, **dict(tiny))
         config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(init_seed))
@@ -292,7 +293,7 @@ def build_qwen3_vl_ar(
             from nemo_automodel_bard.recipes.vision_warmup import warmup_from_config
 
             with torch.random.fork_rng(devices=[]):
-                warmup_from_config(model, build_tiny_processor(), dict(vision_warmup))
+                warmup_from_config(model, build_tiny_processor(tokenizer), dict(vision_warmup))
     else:
         if vision_warmup:
             raise ModelConfigError("model.vision_warmup only applies to a random tiny model (model.tiny)")
