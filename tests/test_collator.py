@@ -318,3 +318,21 @@ def test_shapes_chat_dataset_and_doctests():
     assert json.dumps(rec["messages"][1])  # text-only answer turn is JSON-serialisable
     result = doctest.testmod(chat_dataset, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+
+def test_block_padding_flag_marks_targets_after_the_response(tiny_processor, records):
+    batch = BardVLCollator(processor=tiny_processor, block_size=16, seed=1)(records)
+    im_end = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    is_pad = batch["loss_is_block_pad"]
+    assert is_pad.dtype == torch.bool and is_pad.shape == batch["loss_targets"].shape
+    assert is_pad.any() and (~is_pad).any()
+    L = batch["input_ids"].shape[1]
+    for row in range(batch["input_ids"].shape[0]):  # one sample per row (no packing)
+        own = batch["loss_sample_index"] == row
+        tt = batch["token_type"][row]
+        response = batch["input_ids"][row][tt == int(TokenType.CLEAN)]
+        true_len = int((response == im_end).nonzero()[0]) + 1  # up to the response's own <|im_end|>
+        offsets = batch["loss_positions"][own] - row * L - int((tt == int(TokenType.NOISY)).nonzero()[0])
+        assert torch.equal(is_pad[own], offsets >= true_len)
+        assert (batch["loss_targets"][own][is_pad[own]] == im_end).all()

@@ -92,10 +92,24 @@ def test_topk_kd_matches_a_reference_from_full_logits(tiny_model, swd_batch, tin
     values, ids = t.topk(k, dim=-1)
     p_t = values.softmax(-1)
     log_q = s.log_softmax(-1).gather(-1, ids)
-    kd_ref = (p_t * (p_t.log() - log_q)).sum(-1).mean()
-    ce_ref = F.cross_entropy(s, swd_batch["loss_targets"])
-    torch.testing.assert_close(metrics["kd"], kd_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(metrics["ce"], ce_ref, rtol=1e-4, atol=1e-5)
+    kd_per_token = (p_t * (p_t.log() - log_q)).sum(-1)
+    ce_per_token = F.cross_entropy(s, swd_batch["loss_targets"], reduction="none")
+    # default: KD only at response targets, not at the block padding after the response
+    taught = ~swd_batch["loss_is_block_pad"]
+    assert taught.any() and not taught.all()
+    torch.testing.assert_close(metrics["kd"], kd_per_token[taught].mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["ce"], ce_per_token.mean(), rtol=1e-4, atol=1e-5)
+    assert metrics["num_kd_tokens"] == int(taught.sum())
+    # the loss: per-sample mean of CE + 0.5 KD (KD 0 at padding), averaged over samples
+    per_token = ce_per_token + 0.5 * torch.where(taught, kd_per_token, torch.zeros_like(kd_per_token))
+    owner = swd_batch["loss_sample_index"]
+    loss_ref = torch.stack([per_token[owner == n].mean() for n in range(swd_batch["num_samples"])]).mean()
+    torch.testing.assert_close(metrics["loss"], loss_ref, rtol=1e-4, atol=1e-5)
+    # published behaviour: KD at every loss position
+    _, everywhere = swd_training_loss(tiny_model, teacher, swd_batch, teacher_block_size=4, ce_weight=1.0,
+                                      kd_weight=0.5, top_k=k, kd_at_block_padding=True)
+    torch.testing.assert_close(everywhere["kd"], kd_per_token.mean(), rtol=1e-4, atol=1e-5)
+    assert everywhere["num_kd_tokens"] == int(pos.numel())
 
 
 def test_tokenizer_mismatch_is_refused(tiny_model_dir, tmp_path):

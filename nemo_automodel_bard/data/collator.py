@@ -237,6 +237,7 @@ class _Prepared:
     loss_offsets: torch.Tensor  # [m] offsets into the sample
     loss_targets: torch.Tensor  # [m]
     loss_weights: torch.Tensor  # [m]
+    loss_is_block_pad: torch.Tensor  # [m] bool: target is block padding after the response's end
     normalizer: int  # R
     levels: torch.Tensor  # [N]
     num_corrupted: int
@@ -588,6 +589,7 @@ class BardVLCollator:
             loss_offsets=P + R + noisy_offsets,
             loss_targets=clean[noisy_offsets],
             loss_weights=weights.to(torch.float32),
+            loss_is_block_pad=is_pad[noisy_offsets],
             normalizer=R,
             levels=levels,
             num_corrupted=int(corrupted.sum()),
@@ -652,7 +654,8 @@ class BardVLCollator:
         * ``mm_token_type_ids`` ``[b, L]`` int64 (1 image / 2 video placeholder, 0 elsewhere);
         * ``loss_positions`` ``[M]`` flat indices into ``b * L`` of the corrupted noisy tokens,
           ``loss_targets`` ``[M]`` clean tokens there (unshifted), ``loss_weights`` ``[M]`` fp32
-          (schedule ELBO weight, x ``pad_weight`` at block-padding targets), ``loss_sample_index`` ``[M]``;
+          (schedule ELBO weight, x ``pad_weight`` at block-padding targets), ``loss_sample_index`` ``[M]``,
+          ``loss_is_block_pad`` ``[M]`` bool (the target is block padding after the response's end);
         * ``loss_normalizer`` ``[n]`` fp32 noisy-region length of each sample;
         * ``noise_levels`` ``[K]`` fp32 corruption level of every response block, with
           ``noise_levels_sample_index`` ``[K]``; ``mask_fraction`` fp32 scalar (corrupted / noisy tokens);
@@ -691,7 +694,7 @@ class BardVLCollator:
         doc_ids = torch.full((b, L), PAD_DOC_ID, dtype=torch.int64)
         mm_token_type_ids = torch.zeros((b, L), dtype=torch.int64)
 
-        positions, targets, weights, owner = [], [], [], []
+        positions, targets, weights, owner, block_pad = [], [], [], [], []
         normalizer, levels, level_owner, indices = [], [], [], []
         pixels: dict[str, list[torch.Tensor]] = {k: [] for k in _PIXEL_KEYS}
         corrupted = noisy_total = truncated = 0
@@ -709,6 +712,7 @@ class BardVLCollator:
                 positions.append(r * L + offset + p.loss_offsets)
                 targets.append(p.loss_targets)
                 weights.append(p.loss_weights)
+                block_pad.append(p.loss_is_block_pad)
                 owner.append(torch.full_like(p.loss_offsets, n))
                 normalizer.append(p.normalizer)
                 levels.append(p.levels)
@@ -736,6 +740,7 @@ class BardVLCollator:
             "loss_targets": cat(targets, torch.int64),
             "loss_weights": cat(weights, torch.float32),
             "loss_sample_index": cat(owner, torch.int64),
+            "loss_is_block_pad": cat(block_pad, torch.bool),
             "loss_normalizer": torch.tensor(normalizer, dtype=torch.float32),
             "noise_levels": cat(levels, torch.float32),
             "noise_levels_sample_index": cat(level_owner, torch.int64),

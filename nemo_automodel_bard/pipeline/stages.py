@@ -238,6 +238,8 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                 "bard.kd_direction": kd["direction"],
                 "bard.kd_temperature": float(kd["temperature"]),
             }
+            if kd_weight:
+                overrides["bard.kd_at_block_padding"] = bool(section.get("kd_at_block_padding", False))
             out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {})
             result[f"{label}_b{student}_dir"] = out["model_dir"]
             result[f"{label}_b{student}_log"] = out["log_dir"]

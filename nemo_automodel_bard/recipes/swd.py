@@ -16,7 +16,7 @@ YAML (``recipes/tiny/swd.yaml``)::
     model: {_target_: ...build_bard_vl, pretrained_model_name_or_path: <PBM export at B_s>}
     teacher_model: {pretrained_model_name_or_path: <anchor export>, torch_dtype: bfloat16}
     bard: {teacher_block_size: 4, ce_weight: 1.0, kd_weight: 0.5, kd_top_k: 16,
-           kd_direction: forward, kd_temperature: 1.0}
+           kd_direction: forward, kd_temperature: 1.0, kd_at_block_padding: false}
 
 Anchor modes are a matter of which teacher each run gets: ``fixed`` (one anchor for every student,
 as published) or ``previous`` (the distilled student of ``B/2`` teaches ``B``); the ``bard-vl``
@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BardVLSWDRecipe", "SWD_DEFAULTS"]
 
-#: published SWD settings
+#: SWD settings: the published ones, except that KD skips block-padding targets by default (published:
+#: KD at every loss position, ``kd_at_block_padding: true``; see :mod:`nemo_automodel_bard.models.bard_vl.distillation`)
 SWD_DEFAULTS = {
     "teacher_block_size": 4,
     "ce_weight": 1.0,
@@ -48,6 +49,7 @@ SWD_DEFAULTS = {
     "kd_top_k": 16,
     "kd_direction": "forward",
     "kd_temperature": 1.0,
+    "kd_at_block_padding": False,
 }
 
 
@@ -86,6 +88,10 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             value = self._swd(key)
             if not isinstance(value, (int, float)) or value < 0 or (key == "kd_temperature" and value == 0):
                 raise RecipeConfigError(f"bard.{key} must be a non-negative number (temperature > 0), got {value!r}")
+        if not isinstance(self._swd("kd_at_block_padding"), bool):
+            raise RecipeConfigError(
+                f"bard.kd_at_block_padding must be true or false, got {self._swd('kd_at_block_padding')!r}"
+            )
         if not isinstance(self._swd("kd_top_k"), int) or self._swd("kd_top_k") < 1:
             raise RecipeConfigError(f"bard.kd_top_k must be a positive integer, got {self._swd('kd_top_k')!r}")
 
@@ -130,15 +136,17 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             temperature=float(self._swd("kd_temperature")),
             attention=self.attention,
             teacher_attention=self.cfg.get("bard.teacher_attention", "auto"),
+            kd_at_block_padding=bool(self._swd("kd_at_block_padding")),
             denominator=denominator,
         )
-        m = float(metrics["num_loss_tokens"])
+        m = float(metrics["num_kd_tokens"])
         self._kd_sums = getattr(self, "_kd_sums", {"kd": 0.0, "agree": 0.0, "teacher_correct": 0.0, "m": 0.0})
         self._kd_sums["kd"] += float(metrics["kd"]) * m
         self._kd_sums["agree"] += float(metrics["agreement"]) * m
         self._kd_sums["teacher_correct"] += float(metrics["teacher_accuracy"]) * m
         self._kd_sums["m"] += m
-        return loss, {"ce_sum": float(metrics["ce"]) * m, "correct": float(metrics["accuracy"]) * m}
+        n = float(metrics["num_loss_tokens"])
+        return loss, {"ce_sum": float(metrics["ce"]) * n, "correct": float(metrics["accuracy"]) * n}
 
     def _run_validation_epoch(self, val_dataloader: Any) -> Any:
         saved = getattr(self, "_kd_sums", None)  # validation forwards must not leak into training metrics
