@@ -49,6 +49,8 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["pbm.max_steps=[10,10]"], r"2 entries for 5 block sizes"),
         (["pbm.max_steps=[10,10,0,10,10]"], r"pbm.max_steps\[\] must be a positive integer"),
         (["pbm.first_stage_steps=0"], r"pbm.first_stage_steps must be a positive integer"),
+        (["data.order=sorted"], r"data.order must be one of \('reading', 'random'\)"),
+        (["swd.anchor_path=/no/such/anchor"], r"swd.anchor_path: /no/such/anchor is not an exported model directory"),
     ],
 )
 def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message):
@@ -120,6 +122,19 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     assert swept["swd"]["ce_b8_dir"] == outputs["swd"]["ce_b8_dir"]
     assert swept["swd"]["kd_b8_dir"] != outputs["swd"]["kd_b8_dir"]
 
+    # an anchor trained elsewhere (swd.anchor_path) teaches every student as it is: no anchor stage runs
+    external = outputs["pbm"]["b2_dir"]
+    teachers = []
+
+    def record_teacher(yaml_path, overrides, launcher, log_file):
+        teachers.append(overrides["teacher_model.pretrained_model_name_or_path"])  # KeyError for a PBM run
+        fake_training(yaml_path, overrides, launcher, log_file)
+
+    monkeypatch.setattr(stages, "run_recipe", record_teacher)
+    other = run_pipeline(_config(tmp_path, [*SMOKE_OVERRIDES, f"swd.anchor_path={external}", "stages=[swd]"]), tmp_path)
+    assert other["swd"]["anchor_dir"] == str(Path(external).resolve())
+    assert teachers == [str(Path(external).resolve())] * 2  # the KD student and its control
+
 
 def test_torchrun_splits_the_tiny_micro_batch_over_ranks():
     from nemo_automodel_bard.pipeline.stages import _batch_overrides, _world_size
@@ -142,3 +157,22 @@ def test_pbm_steps_per_block_size():
     assert pbm_steps({"block_sizes": [2, 4], "max_steps": [7, 3], "first_stage_steps": 9}) == [7, 3]
     with pytest.raises(ValueError, match="1 entries for 2 block sizes"):
         pbm_steps({"block_sizes": [2, 4], "max_steps": [7]})
+
+
+def test_shapes_answer_order_reaches_training_and_evaluation():
+    from nemo_automodel_bard.data.shapes import ShapesTask
+    from nemo_automodel_bard.pipeline.evaluate import _score, heldout_records
+    from nemo_automodel_bard.pipeline.stages import _data_overrides, _validation_overrides
+
+    random_order = {"data": {"kind": "shapes", "seed": 0, "train_size": 10, "order": "random"}}
+    assert _data_overrides(random_order)["dataset.order"] == "random"
+    assert _validation_overrides(random_order)["validation_dataset.order"] == "random"
+    reading = {"data": {"kind": "shapes", "seed": 0, "train_size": 10, "order": "reading"}}
+    assert "dataset.order" not in _data_overrides(reading)  # reading-order runs keep their fingerprints
+    records = heldout_records(random_order["data"], 3)
+    task = ShapesTask(seed=0, order="random")
+    assert [r.reference for r in records] == [task.sample("heldout", i).answer for i in range(3)]
+    in_reading_order = [ShapesTask(seed=0).sample("heldout", i).answer for i in range(3)]
+    refs = [r.reference for r in records]
+    assert _score("shapes", in_reading_order, refs, ordered=False)["accuracy"] == 1.0
+    assert _score("shapes", in_reading_order, refs)["accuracy"] < 1.0

@@ -308,3 +308,27 @@ def test_render_examples(tmp_path):
     p = render_examples(tmp_path / "ex.png", n=3)
     img = Image.open(p)
     assert img.width > 3 * 96 and img.height > 96
+
+
+def test_random_order_answers(task):
+    from nemo_automodel_bard.data.chat_dataset import shapes_dataset
+
+    shuffled = ShapesTask(seed=task.seed, order="random")
+    moved = 0
+    for i in range(20):
+        a, b = shuffled.sample("train", i), task.sample("train", i)
+        assert a.image.tobytes() == b.image.tobytes() and a.prompt == b.prompt and a.objects == b.objects
+        assert sorted(parse_answer(a.answer)) == sorted(parse_answer(b.answer))  # same objects ...
+        moved += a.answer != b.answer  # ... in another order
+        assert shuffled.sample("train", i).answer == a.answer  # fixed per (seed, split, index)
+        assert shuffled.text("train", i) == (a.prompt, a.answer)
+        assert exact_match(a.answer, b.answer, ordered=False)
+        assert exact_match(a.answer, b.answer) == (a.answer == b.answer)
+    assert moved >= 18
+    assert shapes_dataset("heldout", 2, order="random")[1]["messages"][-1]["content"][0]["text"] == \
+        shuffled.sample("heldout", 1).answer
+    assert score([a.answer], [b.answer], ordered=False)["exact_match"] == 1.0
+    assert not exact_match("red circle 1 1, red circle 1 1.", "red circle 1 1.", ordered=False)  # multisets
+    assert not exact_match("red circle one.", "red circle 1 1.", ordered=False)
+    with pytest.raises(ValueError, match="order must be one of"):
+        ShapesTask(order="sorted")

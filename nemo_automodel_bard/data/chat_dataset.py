@@ -203,11 +203,13 @@ class ShapesChatDataset:
         (1, (96, 96))
     """
 
-    def __init__(self, split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3) -> None:
+    def __init__(self, split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3,
+                 order: str = "reading") -> None:
         from .shapes import ShapesDataset, ShapesTask
 
         self.split, self.size, self.seed = split, int(size), int(seed)
-        self._inner = ShapesDataset(ShapesTask(seed=seed, image_size=image_size, grid=grid), split, self.size)
+        task = ShapesTask(seed=seed, image_size=image_size, grid=grid, order=order)
+        self._inner = ShapesDataset(task, split, self.size)
 
     def __len__(self) -> int:
         return len(self._inner)
@@ -222,6 +224,8 @@ class ShapesChatDataset:
         return f"ShapesChatDataset(split={self.split!r}, size={self.size}, seed={self.seed})"
 
 
-def shapes_dataset(split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3) -> ShapesChatDataset:
-    """Factory for :class:`ShapesChatDataset` (``_target_``-friendly)."""
-    return ShapesChatDataset(split=split, size=size, seed=seed, image_size=image_size, grid=grid)
+def shapes_dataset(
+    split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3, order: str = "reading"
+) -> ShapesChatDataset:
+    """Factory for :class:`ShapesChatDataset` (``_target_``-friendly); ``order``: see :class:`ShapesTask`."""
+    return ShapesChatDataset(split=split, size=size, seed=seed, image_size=image_size, grid=grid, order=order)

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "ANSWER_ORDERS",
     "COLORS",
     "COLOR_RGB",
     "SHAPES",
@@ -100,6 +101,8 @@ PROMPTS: tuple[str, ...] = (
 VIDEO_PROMPT: str = "List every shape in the last frame as color shape row column."
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
+#: How an answer orders its objects (:class:`ShapesTask` ``order``).
+ANSWER_ORDERS: tuple[str, ...] = ("reading", "random")
 
 MIN_OBJECTS = 4
 MAX_OBJECTS = 9
@@ -200,14 +203,19 @@ class ShapesSample:
         }
 
 
-def format_answer(objects: Iterable[Sequence]) -> str:
-    """Format ``(color, shape, row, col)`` objects as the reference answer (sorted into reading order).
+def format_answer(objects: Iterable[Sequence], reading_order: bool = True) -> str:
+    """Format ``(color, shape, row, col)`` objects as the reference answer (sorted into reading order,
+    or in the given order with ``reading_order=False``).
 
     Example:
         >>> format_answer([("blue", "cross", 2, 1), ("red", "circle", 1, 3)])
         'red circle 1 3, blue cross 2 1.'
+        >>> format_answer([("blue", "cross", 2, 1), ("red", "circle", 1, 3)], reading_order=False)
+        'blue cross 2 1, red circle 1 3.'
     """
-    objs = sorted(((str(c), str(s), int(r), int(k)) for c, s, r, k in objects), key=lambda o: (o[2], o[3]))
+    objs = [(str(c), str(s), int(r), int(k)) for c, s, r, k in objects]
+    if reading_order:
+        objs.sort(key=lambda o: (o[2], o[3]))
     return ", ".join(f"{c} {s} {r} {k}" for c, s, r, k in objs) + "."
 
 
@@ -267,6 +275,10 @@ class ShapesTask:
         image_size: side of the square RGB image in pixels (must be divisible by ``grid``).
         grid: cells per side (2..9); objects per image are ``4 .. min(9, grid * grid)``.
         paraphrase: if True (default) the prompt is drawn from :data:`PROMPTS`, otherwise ``PROMPTS[0]``.
+        order: ``"reading"`` (default) lists the objects row by row; ``"random"`` lists them in an order
+            drawn per sample (fixed by ``(seed, split, index)``). Random order makes the answer ambiguous
+            to a model that has not seen the earlier items -- the case where a small-block teacher's extra
+            context carries information that the gold token alone does not (see docs/swd.md).
 
     Example:
         >>> task = ShapesTask(seed=0)
@@ -277,7 +289,10 @@ class ShapesTask:
         True
     """
 
-    def __init__(self, seed: int = 0, image_size: int = 96, grid: int = 3, paraphrase: bool = True):
+    def __init__(self, seed: int = 0, image_size: int = 96, grid: int = 3, paraphrase: bool = True,
+                 order: str = "reading"):
+        if order not in ANSWER_ORDERS:
+            raise ValueError(f"ShapesTask: order must be one of {ANSWER_ORDERS}, got {order!r}")
         if not isinstance(grid, int) or not 2 <= grid <= MAX_GRID:
             raise ValueError(f"ShapesTask: grid must be an int in [2, {MAX_GRID}], got {grid!r}")
         if not isinstance(image_size, int) or image_size % grid != 0:
@@ -289,11 +304,13 @@ class ShapesTask:
         self.grid = grid
         self.cell = image_size // grid
         self.paraphrase = bool(paraphrase)
+        self.order = order
         self.min_objects = min(MIN_OBJECTS, grid * grid)
         self.max_objects = min(MAX_OBJECTS, grid * grid)
 
     def __repr__(self) -> str:
-        return f"ShapesTask(seed={self.seed}, image_size={self.image_size}, grid={self.grid})"
+        order = "" if self.order == "reading" else f", order={self.order!r}"
+        return f"ShapesTask(seed={self.seed}, image_size={self.image_size}, grid={self.grid}{order})"
 
     # -- layouts --------------------------------------------------------------------------------------------
 
@@ -368,6 +385,13 @@ class ShapesTask:
     def _prompt(self, rng: random.Random) -> str:
         return rng.choice(PROMPTS) if self.paraphrase else PROMPTS[0]
 
+    def _answer(self, keys: list[tuple[str, str, int, int]], split: str, index: int) -> str:
+        if self.order == "reading":
+            return format_answer(keys)
+        keys = list(keys)
+        _rng_for(self.seed, self.grid, "order", split, int(index)).shuffle(keys)  # own stream: images unchanged
+        return format_answer(keys, reading_order=False)
+
     def sample(self, split: str, index: int) -> ShapesSample:
         """Render sample ``index`` of ``split`` (``"train"`` or ``"heldout"``)."""
         objs, rng = self._draw_objects("image", split, index)
@@ -377,7 +401,7 @@ class ShapesTask:
             image=self.render(objs),
             objects=keys,
             prompt=prompt,
-            answer=format_answer(keys),
+            answer=self._answer(keys, split, index),
             index=int(index),
             split=split,
             drawn=objs,
@@ -386,7 +410,7 @@ class ShapesTask:
     def text(self, split: str, index: int) -> tuple[str, str]:
         """``(prompt, answer)`` of a sample without rendering its image (fast; used for corpora)."""
         objs, rng = self._draw_objects("image", split, index)
-        return self._prompt(rng), format_answer(o.key for o in objs)
+        return self._prompt(rng), self._answer([o.key for o in objs], split, index)
 
     def sample_video(
         self, split: str, index: int, num_frames: int = 4
@@ -573,16 +597,22 @@ def _normalise(text: str) -> str:
     return re.sub(r"[.\s]+$", "", t)
 
 
-def exact_match(pred: str, ref: str) -> bool:
-    """Normalised string match (case, whitespace, ``;`` vs ``,`` and the final period are ignored).
+def exact_match(pred: str, ref: str, ordered: bool = True) -> bool:
+    """Normalised string match (case, whitespace, ``;`` vs ``,`` and the final period are ignored);
+    ``ordered=False`` compares the parsed objects as multisets (answers of ``order="random"`` tasks).
 
     Example:
         >>> exact_match("Red circle 1 2 ,  blue cross 3 3", "red circle 1 2, blue cross 3 3.")
         True
         >>> exact_match("red circle 1 2.", "red circle 1 3.")
         False
+        >>> exact_match("blue cross 3 3, red circle 1 2.", "red circle 1 2, blue cross 3 3.", ordered=False)
+        True
     """
-    return _normalise(pred) == _normalise(ref)
+    if ordered:
+        return _normalise(pred) == _normalise(ref)
+    p, r = parse_answer(pred), parse_answer(ref)
+    return p is not None and r is not None and Counter(p) == Counter(r)
 
 
 def field_accuracy(pred: Union[str, Sequence[Sequence]], ref: Union[str, Sequence[Sequence]]) -> float:
@@ -609,8 +639,9 @@ def field_accuracy(pred: Union[str, Sequence[Sequence]], ref: Union[str, Sequenc
     return sum(hits.values()) / denom
 
 
-def score(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
-    """Mean exact match, mean field accuracy, parse rate and count over paired predictions and references.
+def score(preds: Sequence[str], refs: Sequence[str], ordered: bool = True) -> dict[str, float]:
+    """Mean exact match, mean field accuracy, parse rate and count over paired predictions and references
+    (``ordered=False``: exact match ignores the order of the objects, see :func:`exact_match`).
 
     Example:
         >>> refs = ["red circle 1 1, blue cross 1 2.", "green square 2 2."]
@@ -622,7 +653,7 @@ def score(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     n = len(refs)
     if n == 0:
         return {"exact_match": 0.0, "field_accuracy": 0.0, "parsed": 0.0, "n": 0}
-    em = sum(exact_match(p, r) for p, r in zip(preds, refs)) / n
+    em = sum(exact_match(p, r, ordered) for p, r in zip(preds, refs)) / n
     fa = sum(field_accuracy(p, r) for p, r in zip(preds, refs)) / n
     parsed = sum(parse_answer(p) is not None for p in preds) / n
     return {"exact_match": em, "field_accuracy": fa, "parsed": parsed, "n": n}

@@ -51,7 +51,8 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     if kind == "shapes":
         from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 
-        dataset = shapes_dataset(split="heldout", size=num_samples, seed=int(data_cfg.get("seed", 0)))
+        dataset = shapes_dataset(split="heldout", size=num_samples, seed=int(data_cfg.get("seed", 0)),
+                                 order=str(data_cfg.get("order", "reading")))
         return records_from_chat(dataset[i] for i in range(len(dataset)))
     path = data_cfg.get("eval_path")
     if not path:
@@ -62,11 +63,11 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     return records_from_chat(dataset[i] for i in range(len(dataset)))
 
 
-def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], ordered: bool = True) -> dict[str, float]:
     if data_kind == "shapes":
         from nemo_automodel_bard.data.shapes import score
 
-        result = score(list(predictions), list(references))
+        result = score(list(predictions), list(references), ordered=ordered)
         return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"])}
     matches = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
     return {"accuracy": sum(matches) / max(len(matches), 1)}
@@ -96,6 +97,7 @@ def evaluate_model(
     records: Sequence[EvalRecord],
     *,
     data_kind: str = "shapes",
+    ordered: bool = True,
     mode: str = "diffusion",
     block_size: int | None = None,
     threshold: float = 0.9,
@@ -106,6 +108,8 @@ def evaluate_model(
     record_trajectory_of: int | None = None,
 ) -> dict[str, Any]:
     """Decode every record and score it.
+
+    ``ordered=False`` scores shapes answers without regard to the order of their objects.
 
     Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``tokens_per_forward``
     (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
@@ -146,7 +150,7 @@ def evaluate_model(
         tokens += int(stats["num_response_tokens"])
         sample_forwards += int(sum(stats["forwards_per_sample"]))
         batch_forwards += int(stats["forwards_total"]) * len(chunk)
-    result: dict[str, Any] = _score(data_kind, predictions, [r.reference for r in records])
+    result: dict[str, Any] = _score(data_kind, predictions, [r.reference for r in records], ordered)
     result.update(
         n=len(records),
         mode=mode,

@@ -43,10 +43,17 @@ class Context:
         return dict(self.cfg["launcher"])
 
 
+def _shapes_order(data: dict[str, Any], section: str) -> dict[str, Any]:
+    # only a non-default order is passed on, so that runs in reading order keep their fingerprints
+    order = data.get("order", "reading")
+    return {} if order == "reading" else {f"{section}.order": order}
+
+
 def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, Any]:
     data = cfg["data"]
     if data["kind"] == "shapes":
-        return {f"{section}.seed": data.get("seed", 0), f"{section}.size": data.get("train_size", 4096)}
+        return {f"{section}.seed": data.get("seed", 0), f"{section}.size": data.get("train_size", 4096),
+                **_shapes_order(data, section)}
     overrides = {
         f"{section}._target_": "nemo_automodel_bard.data.factory.make_dataset",
         f"{section}.kind": "jsonl",
@@ -60,7 +67,7 @@ def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, 
 def _validation_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     data = cfg["data"]
     if data["kind"] == "shapes":
-        return {"validation_dataset.seed": data.get("seed", 0)}
+        return {"validation_dataset.seed": data.get("seed", 0), **_shapes_order(data, "validation_dataset")}
     path = data.get("eval_path") or data["path"]
     overrides = {
         "validation_dataset._target_": "nemo_automodel_bard.data.factory.make_dataset",
@@ -205,13 +212,19 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
     section = ctx.cfg["swd"]
     pbm = ctx.outputs["pbm"]
     teacher_block = int(section["teacher_block_size"])
-    anchor_dir = pbm[f"b{teacher_block}_dir"]
     result: dict[str, Any] = {"anchor_block_size": teacher_block}
     extra = int(section.get("anchor_extra_steps") or 0)
-    if extra > 0:
+    if section.get("anchor_path"):  # an anchor trained elsewhere (published: a larger model), used as it is
+        anchor_dir = str(Path(section["anchor_path"]).resolve())
+        if extra > 0:
+            logger.info("swd.anchor_path is set: swd.anchor_extra_steps=%s is not applied", extra)
+    elif extra > 0:
+        anchor_dir = pbm[f"b{teacher_block}_dir"]
         out = _pbm_stage(ctx, teacher_block, anchor_dir, extra, f"swd_anchor_b{teacher_block}")
         anchor_dir = out["model_dir"]
         result["anchor_log"] = out["log_dir"]
+    else:
+        anchor_dir = pbm[f"b{teacher_block}_dir"]
     result["anchor_dir"] = anchor_dir
     previous_teacher = (anchor_dir, teacher_block)
     for student in section["student_block_sizes"]:
@@ -285,6 +298,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                 wants_trajectory = name == final_name and threshold == thresholds[0]
                 result = evaluate_model(
                     model_dir, records, data_kind=ctx.cfg["data"]["kind"], mode="ar" if block is None else "diffusion",
+                    ordered=ctx.cfg["data"].get("order", "reading") != "random",
                     block_size=block, threshold=threshold if threshold is not None else 0.9,
                     remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
                     batch_size=int(section["batch_size"]), max_new_tokens=int(section["max_new_tokens"]),

@@ -51,7 +51,13 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     swd = cfg["swd"]
     if "swd" in stages:
         teacher = _positive_int(swd["teacher_block_size"], "swd.teacher_block_size")
-        if teacher not in blocks:
+        anchor_path = swd.get("anchor_path")
+        if anchor_path:
+            anchor = Path(anchor_path)
+            anchor = anchor if anchor.is_absolute() else Path.cwd() / anchor
+            if not (anchor / "config.json").is_file():
+                raise PipelineConfigError(f"swd.anchor_path: {anchor} is not an exported model directory (no config.json)")
+        elif teacher not in blocks:
             raise PipelineConfigError(
                 f"swd.teacher_block_size={teacher} is not one of pbm.block_sizes {blocks} (the anchor is a PBM stage)"
             )
@@ -67,6 +73,12 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 raise PipelineConfigError(f"swd.student_block_sizes: {student} has no PBM stage (pbm.block_sizes={blocks})")
         if swd["direction"] not in ("forward", "reverse"):
             raise PipelineConfigError(f"swd.direction must be 'forward' or 'reverse', got {swd['direction']!r}")
+
+    if cfg["data"].get("kind") == "shapes":
+        from nemo_automodel_bard.data.shapes import ANSWER_ORDERS
+
+        if cfg["data"].get("order", "reading") not in ANSWER_ORDERS:
+            raise PipelineConfigError(f"data.order must be one of {ANSWER_ORDERS}, got {cfg['data'].get('order')!r}")
 
     for threshold in cfg["evaluate"]["thresholds"]:
         if not 0 < float(threshold) <= 1.5:
