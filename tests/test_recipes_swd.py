@@ -78,6 +78,7 @@ def test_swd_kd_weight_zero_does_not_depend_on_the_teacher(tiny_model_dir, teach
     [
         ("--bard.teacher_block_size=8", "must be smaller than the student's block size"),
         ("--bard.kd_direction=sideways", "kd_direction must be 'forward' or 'reverse'"),
+        ("--bard.kd_at_block_padding=sometimes", "kd_at_block_padding must be true or false"),
         ("--teacher_model.pretrained_model_name_or_path=/no/such/anchor", "does not exist"),
     ],
 )

@@ -218,13 +218,12 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
         anchor_dir = str(Path(section["anchor_path"]).resolve())
         if extra > 0:
             logger.info("swd.anchor_path is set: swd.anchor_extra_steps=%s is not applied", extra)
-    elif extra > 0:
-        anchor_dir = pbm[f"b{teacher_block}_dir"]
-        out = _pbm_stage(ctx, teacher_block, anchor_dir, extra, f"swd_anchor_b{teacher_block}")
-        anchor_dir = out["model_dir"]
-        result["anchor_log"] = out["log_dir"]
     else:
         anchor_dir = pbm[f"b{teacher_block}_dir"]
+        if extra > 0:
+            out = _pbm_stage(ctx, teacher_block, anchor_dir, extra, f"swd_anchor_b{teacher_block}")
+            anchor_dir = out["model_dir"]
+            result["anchor_log"] = out["log_dir"]
     result["anchor_dir"] = anchor_dir
     previous_teacher = (anchor_dir, teacher_block)
     for student in section["student_block_sizes"]:
