@@ -29,8 +29,11 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model, tmp_path):
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert "model.language_model.embed_tokens.weight" in keys
     assert any(k.startswith("model.visual.blocks.0.") for k in keys)
-    again = BardVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    again, info = BardVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+    again.eval()
     assert again.lm_head.weight is again.model.language_model.embed_tokens.weight
+    # the tied head is not in the file and must not be reported as missing (it is tied, not re-initialised)
+    assert "lm_head.weight" not in keys and not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=0)
 
 

@@ -180,6 +180,16 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
         cls._normalize_attn_implementation(kwargs)
         return super().from_pretrained(*args, **kwargs)
 
+    def tie_weights(self, missing_keys: set | None = None, recompute_mapping: bool = True, **kwargs: Any) -> None:
+        """Tie ``lm_head`` to the text embedding (NeMo's rule) and, while loading, drop the tied head from
+        ``missing_keys``: NeMo's override ignores that argument, so tied exports were reported as missing
+        ``lm_head.weight`` although the head is tied right after."""
+        super().tie_weights()
+        if missing_keys is not None and getattr(self.config, "tie_word_embeddings", False):
+            for target, source in (getattr(self, "all_tied_weights_keys", None) or {}).items():
+                if source not in missing_keys:
+                    missing_keys.discard(target)
+
     @classmethod
     def _from_config(cls, config: BardVLConfig, **kwargs: Any) -> "BardVLForConditionalGeneration":
         cls._normalize_attn_implementation(kwargs)
