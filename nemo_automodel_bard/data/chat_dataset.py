@@ -207,7 +207,7 @@ class ShapesChatDataset:
                  order: str = "reading") -> None:
         from .shapes import ShapesDataset, ShapesTask
 
-        self.split, self.size, self.seed = split, int(size), int(seed)
+        self.split, self.size, self.seed, self.order = split, int(size), int(seed), order
         task = ShapesTask(seed=seed, image_size=image_size, grid=grid, order=order)
         self._inner = ShapesDataset(task, split, self.size)
 
@@ -221,7 +221,8 @@ class ShapesChatDataset:
         return {"messages": record["messages"], "index": int(index)}
 
     def __repr__(self) -> str:
-        return f"ShapesChatDataset(split={self.split!r}, size={self.size}, seed={self.seed})"
+        order = "" if self.order == "reading" else f", order={self.order!r}"
+        return f"ShapesChatDataset(split={self.split!r}, size={self.size}, seed={self.seed}{order})"
 
 
 def shapes_dataset(

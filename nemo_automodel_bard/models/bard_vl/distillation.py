@@ -17,9 +17,10 @@ Block padding: the student's response is padded to a multiple of ``B_s`` with ``
 at the remaining padding targets its distribution is off-distribution noise (measured: a B=4 anchor
 is right at 96 % of a B=32 student's response targets but at 49 % of its padding targets). KD is
 therefore applied only at response targets by default (``kd_at_block_padding=False``; CE still
-covers every position); ``True`` gives the published behaviour (KD at every loss position). Each sample's loss is the
-mean over its loss positions; the batch loss sums samples and divides by ``denominator`` (the
-global sample count of the optimizer step) or by the local sample count.
+covers every position); ``True`` gives the published behaviour (KD at every loss position).
+
+Each sample's loss is the mean over its loss positions; the batch loss sums samples and divides by
+``denominator`` (the global sample count of the optimizer step) or by the local sample count.
 """
 
 from __future__ import annotations
@@ -102,13 +103,14 @@ def swd_training_loss(
     if not kd_at_block_padding and batch.get("loss_is_block_pad") is not None:
         kd_select = ~torch.as_tensor(batch["loss_is_block_pad"]).to(device).bool()
     kd_index = torch.nonzero(kd_select).reshape(-1)
+    taught = kd_index.numel() > 0  # False only when every loss position is block padding
     inputs = dict(
         input_ids=input_ids,
         position_ids=torch.as_tensor(batch["position_ids"]).to(device),
         use_cache=False,
         **{k: torch.as_tensor(batch[k]).to(device) for k in _MODEL_INPUTS if batch.get(k) is not None},
     )
-    if kd_index.numel():
+    if taught:
         with torch.no_grad():
             t_mask = build_training_mask(teacher, teacher_view(batch, teacher_block_size), attention=teacher_attention)
             teacher_logits = teacher(attention_mask=t_mask, logits_positions=positions[kd_index], **inputs).logits.float()
@@ -119,7 +121,7 @@ def swd_training_loss(
     logits = student(attention_mask=s_mask, logits_positions=positions, **inputs).logits.float()  # [M, V]
     ce = F.cross_entropy(logits, targets, reduction="none")
     kd = torch.zeros_like(ce)
-    if kd_index.numel():
+    if taught:
         # forward KD as a KL (the published cross-entropy minus the teacher's top-k entropy): the same
         # gradient, and 0 when the student equals the teacher (k = vocabulary)
         kd = kd.index_put((kd_index,), topk_kd_loss(
@@ -131,7 +133,6 @@ def swd_training_loss(
     with torch.no_grad():
         argmax = logits.argmax(-1)
         zero = torch.zeros((), device=device)
-        taught = kd_index.numel() > 0
         metrics = {
             "loss": loss.detach(),
             "ce": ce.detach().mean(),

@@ -185,7 +185,7 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
         ``missing_keys``: NeMo's override ignores that argument, so tied exports were reported as missing
         ``lm_head.weight`` although the head is tied right after."""
         super().tie_weights()
-        if missing_keys is not None and getattr(self.config, "tie_word_embeddings", False):
+        if missing_keys is not None:  # the mapping is empty unless the config ties the embeddings
             for target, source in (getattr(self, "all_tied_weights_keys", None) or {}).items():
                 if source not in missing_keys:
                     missing_keys.discard(target)
