@@ -170,3 +170,57 @@ def test_reduce_token_losses_matches_diffusion_ce_loss():
             reduce_token_losses(per_token, reduction, owner, norm),
             diffusion_ce_loss(logits, targets, weights, owner, norm, reduction=reduction),
         )
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+def test_training_view_equals_the_decoding_forward(tiny_model, tiny_processor, block_size):
+    """What training teaches is what decoding asks: a noisy block's logits in the training row equal
+    the logits ``generate`` computes for that block (prompt prefill, the earlier blocks committed, the
+    block all MASK), for every block of the answer. A wrong position, block id or visibility breaks it."""
+    from nemo_automodel_bard.decoding.engine import _BlockDecoder, _model_inputs, resolve_options
+    from nemo_automodel_bard.pipeline.evaluate import _encode, records_from_chat
+
+    sample = shapes_dataset("heldout", size=1, seed=0)[0]
+    batch = BardVLCollator(processor=tiny_processor, block_size=block_size)([sample])
+    tt, ids = batch["token_type"][0], batch["input_ids"][0].clone()
+    noisy = torch.nonzero(tt == int(TokenType.NOISY)).reshape(-1)
+    gold = ids[tt == int(TokenType.CLEAN)]
+    mask_id = tiny_model.config.mask_token_id
+    ids[noisy] = mask_id  # every block all MASK: each sees the clean earlier blocks, as in decoding
+    with torch.no_grad():
+        train_logits = tiny_model(
+            input_ids=ids[None],
+            attention_mask=build_training_mask(tiny_model, batch),
+            position_ids=batch["position_ids"],
+            logits_positions=noisy,
+            use_cache=False,
+            **{k: batch[k] for k in _PIXELS if batch.get(k) is not None},
+        ).logits.view(-1, block_size, tiny_model.config.text_config.vocab_size)
+
+    inputs = _encode(tiny_processor, records_from_chat([sample]))
+    opts = resolve_options(tiny_model, None, block_size=block_size, max_new_tokens=gold.numel())
+    num_blocks = gold.numel() // block_size
+    assert num_blocks >= 3
+    cpu = torch.device("cpu")
+    dec = _BlockDecoder(tiny_model, _model_inputs(inputs, {}, cpu), opts, cpu, torch.float32, None)
+    with torch.no_grad():
+        dec.prefill()
+        for k in range(num_blocks):
+            positions = dec.positions(k)
+            shifted = False
+            for pos in (positions, positions + 1):  # the real positions, then one off (must differ)
+                logits = tiny_model(
+                    input_ids=dec.mask_block,
+                    attention_mask=dec.masks.step(dec.cached, 0, block_size),
+                    position_ids=pos[None].expand(3, 1, block_size),
+                    past_key_values=dec.cache,
+                    use_cache=True,
+                    logits_positions=dec.noisy_rows[0],
+                ).logits
+                dec.cache.crop(dec.cached)
+                if not shifted:
+                    torch.testing.assert_close(logits, train_logits[k], rtol=1e-4, atol=1e-4)
+                else:
+                    assert (logits - train_logits[k]).abs().max() > 1e-3
+                shifted = True
+            dec.commit(gold[k * block_size : (k + 1) * block_size][None], positions)
