@@ -119,3 +119,68 @@ def test_real_size_swd_templates_parse(path):
     assert cfg.get("bard.teacher_block_size") == 4 and cfg.get("bard.kd_top_k") == 16
     assert cfg.get("bard.kd_weight") == 0.5 and cfg.get("bard.ce_weight") == 1.0
     assert "pbm_b4" in str(cfg.get("teacher_model.pretrained_model_name_or_path"))
+
+
+def _offline_common(student: Path, teacher: Path, cache: Path, steps: int = 4) -> list[str]:
+    """Two epochs of 2 steps (8 samples, micro-batches of 2, 2 per step) with a small validation set."""
+    return [
+        f"--model.pretrained_model_name_or_path={student}",
+        f"--teacher_model.pretrained_model_name_or_path={teacher}",
+        f"--step_scheduler.max_steps={steps}",
+        f"--bard.teacher_cache={cache}",
+        "--step_scheduler.global_batch_size=4",
+        "--step_scheduler.local_batch_size=2",
+        "--step_scheduler.ckpt_every_steps=100",
+        "--step_scheduler.val_every_steps=2",
+        "--dataset.size=8",
+        "--validation_dataset.size=4",
+        "--bard.progress_bar=false",
+        "--dataloader.collate_fn.block_size=8",
+    ]
+
+
+def test_offline_teacher_cache_reproduces_the_online_teacher(tiny_model_dir, teacher_dir, tmp_path):
+    from nemo_automodel_bard.recipes.swd_cache import build_cache_from_config
+
+    cache = tmp_path / "cache"
+    common = _offline_common(tiny_model_dir, teacher_dir, cache)
+    build_cache_from_config(load_recipe_config(SWD, common), device="cpu")
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["splits"]["train"]["epochs"] == [0, 1] and meta["splits"]["validation"]["epochs"] == [0]
+    online = [c for c in common if not c.startswith("--bard.teacher_cache")]
+    run_recipe(SWD, [*online, f"--checkpoint.checkpoint_dir={tmp_path / 'online'}"])
+    # offline: the teacher is never loaded (its path may even be gone)
+    offline = [c if not c.startswith("--teacher_model.") else "--teacher_model.pretrained_model_name_or_path=/gone"
+               for c in common]
+    runner = run_recipe(SWD, [*offline, f"--checkpoint.checkpoint_dir={tmp_path / 'offline'}"])
+    assert runner.teacher_model is None and runner.teacher_cache is not None
+    log_on, log_off = _jsonl(tmp_path / "online" / "training.jsonl"), _jsonl(tmp_path / "offline" / "training.jsonl")
+    assert len(log_on) == len(log_off) == 4 and {r["epoch"] for r in log_off} == {0, 1}
+    for a, b in zip(log_on, log_off):
+        for key in ("loss", "kd", "teacher_accuracy", "teacher_agreement"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    val_on, val_off = _jsonl(tmp_path / "online" / "validation.jsonl"), _jsonl(tmp_path / "offline" / "validation.jsonl")
+    assert [r["val_loss"] for r in val_on] == pytest.approx([r["val_loss"] for r in val_off], rel=1e-4)
+    w_on, w_off = _weights(tmp_path / "online" / "final"), _weights(tmp_path / "offline" / "final")
+    assert all(torch.allclose(w_on[k], w_off[k], atol=1e-5) for k in w_on)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--step_scheduler.max_steps=6", r"lacks training epochs \[2\]"),
+        ("--bard.kd_top_k=8", "top_k: cache 16, run 8"),
+        ("--dataloader.collate_fn.seed=3", "collator: cache"),
+        ("--dataset.seed=5", "built (for|from) other data"),
+    ],
+)
+def test_offline_teacher_cache_refuses_another_run(tiny_model_dir, teacher_dir, tmp_path_factory, override, message):
+    cache = tmp_path_factory.getbasetemp() / "refuse-cache"
+    common = _offline_common(tiny_model_dir, teacher_dir, cache)
+    if not (cache / "meta.json").exists():
+        from nemo_automodel_bard.recipes.swd_cache import build_cache_from_config
+
+        build_cache_from_config(load_recipe_config(SWD, common), device="cpu")
+    out = tmp_path_factory.mktemp("refused")
+    with pytest.raises(RecipeConfigError, match=message):
+        run_recipe(SWD, [*common, override, f"--checkpoint.checkpoint_dir={out}"])

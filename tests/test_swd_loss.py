@@ -119,3 +119,40 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir, tmp_path):
     build_tiny_tokenizer(["completely different text for another vocabulary"] * 5, vocab_size=300).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="teacher tokenizer .* differs from the student's"):
         check_same_tokenizer(tiny_model_dir, tmp_path)
+
+
+def test_cached_teacher_topk_gives_the_online_loss(tiny_model, tiny_processor, tiny_model_dir, tmp_path):
+    """A cache built from the same rows feeds swd_training_loss exactly what the online teacher computes."""
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+    from nemo_automodel_bard.models.bard_vl.teacher_cache import TeacherTopKCache, build_teacher_cache
+
+    torch.manual_seed(2)
+    teacher = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    collator = BardVLCollator(processor=tiny_processor, block_size=8, seed=3)
+    data = shapes_dataset(split="train", size=3, seed=0)
+    dataset = [data[i] for i in range(3)]
+    build_teacher_cache(teacher, dataset, collator, tmp_path / "c", epochs=[0, 1], teacher_block_size=4, top_k=16,
+                        batch_size=2)  # other batches than the training ones: the lookup must not care
+    cache = TeacherTopKCache(tmp_path / "c")
+    for epoch in (0, 1):
+        collator.set_epoch(epoch)
+        batch = collator([dataset[2], dataset[0], dataset[1]])
+        values, ids = cache.lookup("train", epoch, batch, kd_at_block_padding=False)
+        online_loss, online = swd_training_loss(tiny_model, teacher, batch, teacher_block_size=4)
+        cached_loss, cached = swd_training_loss(tiny_model, None, batch, teacher_block_size=4,
+                                                teacher_topk_values=values, teacher_topk_ids=ids)
+        torch.testing.assert_close(cached_loss, online_loss, rtol=1e-5, atol=1e-6)
+        assert float(cached["kd"]) == pytest.approx(float(online["kd"]), rel=1e-5)
+        assert float(cached["teacher_accuracy"]) == float(online["teacher_accuracy"])
+    with pytest.raises(ValueError, match="one row per KD position"):
+        swd_training_loss(tiny_model, None, batch, teacher_block_size=4, teacher_topk_values=values[:-1],
+                          teacher_topk_ids=ids[:-1])
+    with pytest.raises(ValueError, match="needs a teacher model or its cached top-k"):
+        swd_training_loss(tiny_model, None, batch, teacher_block_size=4)
+    with pytest.raises(ValueError, match="no 'train' data for epoch 2"):
+        collator.set_epoch(2)
+        cache.lookup("train", 2, collator([dataset[0]]), kd_at_block_padding=False)
+

@@ -41,10 +41,29 @@ from .model_builder import build_bard_vl
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BardVLPBMRecipe"]
+__all__ = ["BardVLPBMRecipe", "diffusion_collate_defaults", "validation_collate_defaults"]
 
 #: decoding settings carried over from the input model's generation config
 _KEEP_DECODING = ("remasking_strategy", "confidence_threshold", "max_new_tokens", "temperature", "top_k", "top_p")
+
+
+def diffusion_collate_defaults(config: Any) -> dict:
+    """Collator arguments taken from the model's config when the YAML leaves them out."""
+    defaults: dict[str, Any] = {"mask_token_id": getattr(config, "mask_token_id", None)}
+    if getattr(config, "pad_block_token_id", None) is not None:
+        defaults["pad_block_token_id"] = config.pad_block_token_id
+    return defaults
+
+
+def validation_collate_defaults(config: Any, train: Any) -> dict:
+    """The validation collator follows the training one (block size, length, noise, mask rule)."""
+    return {
+        **diffusion_collate_defaults(config),
+        "block_size": train.block_size,
+        "max_length": train.collator.max_length,
+        "noise_mode": train.collator.noise_mode.value,
+        "legacy_clean_sees_noisy": train.collator.legacy_clean_sees_noisy,
+    }
 
 
 class BardVLPBMRecipe(BardRecipeBase):
@@ -79,20 +98,10 @@ class BardVLPBMRecipe(BardRecipeBase):
         return self.cfg.get("bard.attention", "auto")
 
     def _collate_defaults(self) -> dict:
-        config = self._unwrapped_model().config
-        defaults: dict[str, Any] = {"mask_token_id": getattr(config, "mask_token_id", None)}
-        if getattr(config, "pad_block_token_id", None) is not None:
-            defaults["pad_block_token_id"] = config.pad_block_token_id
-        return defaults
+        return diffusion_collate_defaults(self._unwrapped_model().config)
 
     def _validation_collate_defaults(self, train: Any) -> dict:
-        return {
-            **self._collate_defaults(),
-            "block_size": train.block_size,
-            "max_length": train.collator.max_length,
-            "noise_mode": train.collator.noise_mode.value,
-            "legacy_clean_sees_noisy": train.collator.legacy_clean_sees_noisy,
-        }
+        return validation_collate_defaults(self._unwrapped_model().config, train)
 
     def _install_collators(self) -> None:
         super()._install_collators()

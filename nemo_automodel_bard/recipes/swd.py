@@ -31,6 +31,13 @@ from typing import Any
 import torch
 
 from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer, swd_training_loss
+from nemo_automodel_bard.models.bard_vl.teacher_cache import (
+    TeacherCacheError,
+    TeacherTopKCache,
+    collator_fingerprint,
+    epochs_needed,
+    tokenizer_fingerprint,
+)
 
 from .common import RecipeConfigError
 from .model_builder import ModelConfigError, check_model_path
@@ -38,7 +45,7 @@ from .pbm import BardVLPBMRecipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BardVLSWDRecipe", "SWD_DEFAULTS"]
+__all__ = ["BardVLSWDRecipe", "SWD_DEFAULTS", "load_teacher"]
 
 #: SWD settings: the published ones, except that KD skips block-padding targets by default (published:
 #: KD at every loss position, ``kd_at_block_padding: true``; see :mod:`nemo_automodel_bard.models.bard_vl.distillation`)
@@ -53,22 +60,44 @@ SWD_DEFAULTS = {
 }
 
 
+def load_teacher(cfg: Any, path: str, device: Any) -> torch.nn.Module:
+    """The frozen anchor in eval mode: ``teacher_model.torch_dtype`` / ``attn_implementation``, else the student's."""
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+
+    dtype = cfg.get("teacher_model.torch_dtype", None) or cfg.get("model.torch_dtype", "float32")
+    dtype = getattr(torch, str(dtype).replace("torch.", "")) if isinstance(dtype, str) else dtype
+    attn = cfg.get("teacher_model.attn_implementation", None) or cfg.get("model.attn_implementation", "sdpa")
+    teacher = BardVLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 class BardVLSWDRecipe(BardVLPBMRecipe):
     """SWD on NeMo-AutoModel's VLM recipe machinery (see the module docstring)."""
 
     objective = "swd"
-    extra_bard_keys = frozenset(SWD_DEFAULTS) | {"teacher_attention"}
+    extra_bard_keys = frozenset(SWD_DEFAULTS) | {"teacher_attention", "teacher_cache", "teacher_cache_epochs"}
 
     def _swd(self, key: str) -> Any:
         return self.cfg.get(f"bard.{key}", SWD_DEFAULTS[key])
 
+    @property
+    def teacher_cache_path(self) -> Any:
+        """``bard.teacher_cache``: a directory of precomputed teacher top-k (offline teacher), or None."""
+        return self.cfg.get("bard.teacher_cache", None)
+
     def validate_config(self) -> None:
         super().validate_config()
-        try:
-            check_model_path(self.cfg.get("teacher_model.pretrained_model_name_or_path", None),
-                             key="teacher_model.pretrained_model_name_or_path (the small-block anchor)")
-        except ModelConfigError as exc:
-            raise RecipeConfigError(str(exc)) from None
+        cache = self.teacher_cache_path
+        if cache is not None and (not isinstance(cache, str) or not cache):
+            raise RecipeConfigError(f"bard.teacher_cache must be a directory path or null, got {cache!r}")
+        if cache is None:
+            try:
+                check_model_path(self.cfg.get("teacher_model.pretrained_model_name_or_path", None),
+                                 key="teacher_model.pretrained_model_name_or_path (the small-block anchor)")
+            except ModelConfigError as exc:
+                raise RecipeConfigError(str(exc)) from None
         teacher_block = self._swd("teacher_block_size")
         student_block = self.cfg.get("dataloader.collate_fn.block_size", None)
         if not isinstance(teacher_block, int) or teacher_block < 1:
@@ -96,8 +125,14 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             raise RecipeConfigError(f"bard.kd_top_k must be a positive integer, got {self._swd('kd_top_k')!r}")
 
     def setup(self) -> None:
-        """PBM setup for the student, then the frozen teacher (same tokenizer checked first)."""
+        """PBM setup for the student, then the frozen teacher (same tokenizer checked first), or the
+        teacher cache (``bard.teacher_cache``), checked against this run's settings."""
         super().setup()
+        self.teacher_model = None
+        self.teacher_cache = None
+        if self.teacher_cache_path is not None:
+            self._open_teacher_cache()
+            return
         teacher_path = str(self.cfg.get("teacher_model.pretrained_model_name_or_path"))
         student_path = str(self.cfg.get("model.pretrained_model_name_or_path"))
         try:
@@ -112,18 +147,53 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
                 configured, self._swd("teacher_block_size"),
             )  # fmt: skip
 
-    def _build_teacher(self, path: str) -> torch.nn.Module:
-        from nemo_automodel_bard import BardVLForConditionalGeneration
+    def teacher_cache_settings(self) -> dict[str, Any]:
+        """What a teacher cache for this run must have been built with."""
+        return {
+            "teacher_block_size": int(self._swd("teacher_block_size")),
+            "top_k": int(self._swd("kd_top_k")),
+            "kd_at_block_padding": bool(self._swd("kd_at_block_padding")),
+            "collator": collator_fingerprint(self.train_collator),
+            "tokenizer": tokenizer_fingerprint(self.train_collator.processor.tokenizer),
+        }
 
-        dtype = self.cfg.get("teacher_model.torch_dtype", None) or self.cfg.get("model.torch_dtype", "float32")
-        dtype = getattr(torch, str(dtype).replace("torch.", "")) if isinstance(dtype, str) else dtype
-        attn = self.cfg.get("teacher_model.attn_implementation", None) or self.cfg.get("model.attn_implementation", "sdpa")
-        teacher = BardVLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-        teacher.to(self.dist_env.device).eval()
-        teacher.requires_grad_(False)
-        return teacher
+    def _open_teacher_cache(self) -> None:
+        try:
+            cache = TeacherTopKCache(self.teacher_cache_path)
+            cache.check(self.teacher_cache_settings())
+        except TeacherCacheError as exc:
+            raise RecipeConfigError(str(exc)) from None
+        needed = epochs_needed(int(self.step_scheduler.max_steps), int(self.step_scheduler.grad_acc_steps),
+                               len(self.dataloader))
+        missing = sorted(set(range(needed)) - set(cache.epochs("train")))
+        if missing:
+            raise RecipeConfigError(
+                f"teacher cache {cache.path} lacks training epochs {missing} of the {needed} this run needs "
+                f"({self.step_scheduler.max_steps} steps); build it with bard.teacher_cache_epochs={needed}"
+            )
+        if self.val_dataloader is not None and 0 not in cache.epochs("validation"):
+            raise RecipeConfigError(f"teacher cache {cache.path} has no validation split; build it with the run's YAML")
+        self.teacher_cache = cache
+        self._cache_split = "train"
+        if self.dist_env.is_main:
+            logger.info("SWD: offline teacher from %s (epochs %s)", cache.path, cache.epochs("train"))
+
+    def _cached_topk(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        split = getattr(self, "_cache_split", "train")
+        collate = self.train_collator if split == "train" else self.val_dataloader.collate_fn
+        try:
+            values, ids = self.teacher_cache.lookup(split, collate.collator.epoch, batch,
+                                                    bool(self._swd("kd_at_block_padding")))
+        except TeacherCacheError as exc:
+            raise RecipeConfigError(str(exc)) from None
+        device = self.dist_env.device
+        return values.to(device), ids.to(device)
+
+    def _build_teacher(self, path: str) -> torch.nn.Module:
+        return load_teacher(self.cfg, path, self.dist_env.device)
 
     def _compute_loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> tuple[torch.Tensor, dict]:
+        cached = self._cached_topk(batch) if self.teacher_cache is not None else (None, None)
         loss, metrics = swd_training_loss(
             model,
             self.teacher_model,
@@ -138,6 +208,8 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             teacher_attention=self.cfg.get("bard.teacher_attention", "auto"),
             kd_at_block_padding=bool(self._swd("kd_at_block_padding")),
             denominator=denominator,
+            teacher_topk_values=cached[0],
+            teacher_topk_ids=cached[1],
         )
         m = float(metrics["num_kd_tokens"])
         self._kd_sums = getattr(self, "_kd_sums", {"kd": 0.0, "agree": 0.0, "teacher_correct": 0.0, "m": 0.0})
@@ -150,9 +222,11 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
 
     def _run_validation_epoch(self, val_dataloader: Any) -> Any:
         saved = getattr(self, "_kd_sums", None)  # validation forwards must not leak into training metrics
+        self._cache_split = "validation"
         try:
             return super()._run_validation_epoch(val_dataloader)
         finally:
+            self._cache_split = "train"
             self._kd_sums = saved or {"kd": 0.0, "agree": 0.0, "teacher_correct": 0.0, "m": 0.0}
 
     def _extra_metrics(self, totals: dict[str, float]) -> dict[str, Any]:
@@ -168,6 +242,7 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
     def _export_metadata(self) -> dict:
         return {
             **super()._export_metadata(),
-            "teacher": str(self.cfg.get("teacher_model.pretrained_model_name_or_path")),
+            "teacher": str(self.teacher_cache.meta.get("teacher", self.teacher_cache.path) if self.teacher_cache
+                           else self.cfg.get("teacher_model.pretrained_model_name_or_path")),
             **{k: self._swd(k) for k in SWD_DEFAULTS},
         }

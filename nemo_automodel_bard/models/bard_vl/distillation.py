@@ -75,11 +75,17 @@ def swd_training_loss(
     teacher_attention: str = "auto",
     kd_at_block_padding: bool = False,
     denominator: Optional[Union[int, float]] = None,
+    teacher_topk_values: Optional[torch.Tensor] = None,
+    teacher_topk_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``(loss, metrics)`` of one collated batch; no gradient reaches the teacher.
 
     KD positions are the loss positions minus block-padding targets (``batch["loss_is_block_pad"]``),
     or all loss positions with ``kd_at_block_padding=True`` (or when the batch has no such key).
+
+    Offline teacher: pass the teacher's top-k at the KD positions as ``teacher_topk_values`` /
+    ``teacher_topk_ids`` ``[R, k]`` (from :class:`~.teacher_cache.TeacherTopKCache`); ``teacher`` is
+    then not run (it may be ``None``).
 
     ``metrics``: detached ``loss``, ``ce`` (mean over loss positions), ``kd`` (mean over KD positions),
     ``accuracy`` (argmax == gold, loss positions), ``teacher_accuracy`` (teacher argmax == gold) and
@@ -104,13 +110,26 @@ def swd_training_loss(
         kd_select = ~torch.as_tensor(batch["loss_is_block_pad"]).to(device).bool()
     kd_index = torch.nonzero(kd_select).reshape(-1)
     taught = kd_index.numel() > 0  # False only when every loss position is block padding
+    offline = teacher_topk_values is not None or teacher_topk_ids is not None
+    if offline and (teacher_topk_values is None or teacher_topk_ids is None
+                    or teacher_topk_values.shape[0] != kd_index.numel() or teacher_topk_ids.shape != teacher_topk_values.shape):
+        raise ValueError(
+            f"offline teacher top-k must hold one row per KD position ({kd_index.numel()}); got values "
+            f"{None if teacher_topk_values is None else tuple(teacher_topk_values.shape)} and ids "
+            f"{None if teacher_topk_ids is None else tuple(teacher_topk_ids.shape)}"
+        )
+    if not offline and teacher is None:
+        raise ValueError("swd_training_loss needs a teacher model or its cached top-k (teacher_topk_values / _ids)")
     inputs = dict(
         input_ids=input_ids,
         position_ids=torch.as_tensor(batch["position_ids"]).to(device),
         use_cache=False,
         **{k: torch.as_tensor(batch[k]).to(device) for k in _MODEL_INPUTS if batch.get(k) is not None},
     )
-    if taught:
+    if taught and offline:
+        t_values, t_ids = teacher_topk_values.float(), teacher_topk_ids.long()
+        teacher_argmax = t_ids[:, 0].to(device)
+    elif taught:
         with torch.no_grad():
             t_mask = build_training_mask(teacher, teacher_view(batch, teacher_block_size), attention=teacher_attention)
             teacher_logits = teacher(attention_mask=t_mask, logits_positions=positions[kd_index], **inputs).logits.float()
