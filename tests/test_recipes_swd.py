@@ -184,3 +184,16 @@ def test_offline_teacher_cache_refuses_another_run(tiny_model_dir, teacher_dir, 
     out = tmp_path_factory.mktemp("refused")
     with pytest.raises(RecipeConfigError, match=message):
         run_recipe(SWD, [*common, override, f"--checkpoint.checkpoint_dir={out}"])
+
+
+def test_teacher_cache_cli_usage_and_errors(tiny_model_dir, teacher_dir, capsys):
+    from nemo_automodel_bard.recipes.swd_cache import main
+
+    assert main([]) == 2 and "swd_cache" in capsys.readouterr().err
+    common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}",
+              f"--teacher_model.pretrained_model_name_or_path={teacher_dir}"]
+    assert main([str(SWD), *common]) == 1
+    assert "set bard.teacher_cache" in capsys.readouterr().err
+    assert main([str(SWD), *common[:1], f"--teacher_model.pretrained_model_name_or_path={ROOT}",
+                 "--bard.teacher_cache=/tmp/unused-cache"]) == 1
+    assert "teacher_model.pretrained_model_name_or_path" in capsys.readouterr().err  # not a model directory

@@ -27,6 +27,7 @@ from nemo_automodel_bard.models.bard_vl.teacher_cache import build_teacher_cache
 
 from .collate import BardCollate
 from .common import RecipeConfigError, load_recipe_config
+from .model_builder import ModelConfigError, check_model_path
 from .pbm import diffusion_collate_defaults, validation_collate_defaults
 from .swd import SWD_DEFAULTS, load_teacher
 
@@ -60,11 +61,11 @@ def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
         raise RecipeConfigError("set bard.teacher_cache to the directory the teacher cache is written to")
     teacher_path = cfg.get("teacher_model.pretrained_model_name_or_path", None)
     student_path = cfg.get("model.pretrained_model_name_or_path", None)
-    if not teacher_path or not student_path:
-        raise RecipeConfigError("the YAML needs model.pretrained_model_name_or_path and teacher_model.pretrained_model_name_or_path")
     try:
+        check_model_path(student_path)
+        check_model_path(teacher_path, key="teacher_model.pretrained_model_name_or_path (the small-block anchor)")
         check_same_tokenizer(student_path, teacher_path)
-    except ValueError as exc:
+    except (ModelConfigError, ValueError) as exc:
         raise RecipeConfigError(str(exc)) from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     processor = AutoProcessor.from_pretrained(str(student_path))
@@ -74,11 +75,15 @@ def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
     dataset = cfg.dataset.instantiate()
     swd = {key: cfg.get(f"bard.{key}", default) for key, default in SWD_DEFAULTS.items()}
     local = int(cfg.get("step_scheduler.local_batch_size", 1))
-    epochs = cfg.get("bard.teacher_cache_epochs", None) or epochs_needed(
-        int(cfg.get("step_scheduler.max_steps")),
-        int(cfg.get("step_scheduler.global_batch_size", local)) // local,
-        -(-len(dataset) // local),
-    )
+    epochs = cfg.get("bard.teacher_cache_epochs", None)
+    if not epochs:
+        max_steps, num_epochs = cfg.get("step_scheduler.max_steps", None), cfg.get("step_scheduler.num_epochs", None)
+        epochs = num_epochs if max_steps is None else epochs_needed(
+            int(max_steps), int(cfg.get("step_scheduler.global_batch_size", local)) // local, -(-len(dataset) // local))
+        if max_steps is not None and num_epochs is not None:
+            epochs = min(int(epochs), int(num_epochs))
+    if not isinstance(epochs, int) or epochs < 1:
+        raise RecipeConfigError(f"cannot tell how many epochs to cache (got {epochs!r}); set bard.teacher_cache_epochs")
     teacher = load_teacher(cfg, str(teacher_path), device)
     common = dict(
         teacher_block_size=int(swd["teacher_block_size"]),
