@@ -170,7 +170,8 @@ def test_offline_teacher_cache_reproduces_the_online_teacher(tiny_model_dir, tea
     [
         ("--step_scheduler.max_steps=6", r"lacks training epochs \[2\]"),
         ("--bard.kd_top_k=8", "top_k: cache 16, run 8"),
-        ("--dataloader.collate_fn.seed=3", "collator: cache"),
+        ("--dataloader.collate_fn.seed=3", r"'train' split was built with other collator settings \(seed\)"),
+        ("--dataset.size=10", "built for 8 records, the run's data set has 10"),
         ("--dataset.seed=5", "built (for|from) other data"),
     ],
 )

@@ -152,6 +152,17 @@ def test_cached_teacher_topk_gives_the_online_loss(tiny_model, tiny_processor, t
                           teacher_topk_ids=ids[:-1])
     with pytest.raises(ValueError, match="needs a teacher model or its cached top-k"):
         swd_training_loss(tiny_model, None, batch, teacher_block_size=4)
+    # same answer, another prompt: the per-sample input hash refuses the cached targets
+    import copy as _copy
+
+    reworded = _copy.deepcopy(dataset[0])
+    reworded["messages"][0]["content"][1]["text"] = "Name each shape in the image as color shape row column."
+    assert reworded["messages"][0]["content"][1]["text"] != dataset[0]["messages"][0]["content"][1]["text"]
+    collator.set_epoch(0)
+    with pytest.raises(ValueError, match="input of sample 0 .* differs"):
+        cache.lookup("train", 0, collator([reworded]), kd_at_block_padding=False)
+    with pytest.raises(ValueError, match="index 1 occurs twice"):
+        build_teacher_cache(teacher, [dataset[1], dataset[1]], collator, tmp_path / "dup", teacher_block_size=4)
     with pytest.raises(ValueError, match="no 'train' data for epoch 2"):
         collator.set_epoch(2)
         cache.lookup("train", 2, collator([dataset[0]]), kd_at_block_padding=False)

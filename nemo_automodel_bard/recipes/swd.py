@@ -26,7 +26,8 @@ pipeline wires both (``swd.anchor``).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -34,7 +35,6 @@ from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer
 from nemo_automodel_bard.models.bard_vl.teacher_cache import (
     TeacherCacheError,
     TeacherTopKCache,
-    collator_fingerprint,
     epochs_needed,
     tokenizer_fingerprint,
 )
@@ -58,6 +58,13 @@ SWD_DEFAULTS = {
     "kd_temperature": 1.0,
     "kd_at_block_padding": False,
 }
+
+
+def _dataset_len(dataloader: Any) -> Optional[int]:
+    try:
+        return len(dataloader.dataset)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 def load_teacher(cfg: Any, path: str, device: Any) -> torch.nn.Module:
@@ -153,7 +160,6 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             "teacher_block_size": int(self._swd("teacher_block_size")),
             "top_k": int(self._swd("kd_top_k")),
             "kd_at_block_padding": bool(self._swd("kd_at_block_padding")),
-            "collator": collator_fingerprint(self.train_collator),
             "tokenizer": tokenizer_fingerprint(self.train_collator.processor.tokenizer),
         }
 
@@ -161,10 +167,15 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
         try:
             cache = TeacherTopKCache(self.teacher_cache_path)
             cache.check(self.teacher_cache_settings())
+            cache.check_split("train", self.train_collator, _dataset_len(self.dataloader))
+            if self.val_dataloader is not None:
+                cache.check_split("validation", self.val_dataloader.collate_fn, _dataset_len(self.val_dataloader))
         except TeacherCacheError as exc:
             raise RecipeConfigError(str(exc)) from None
         needed = epochs_needed(int(self.step_scheduler.max_steps), int(self.step_scheduler.grad_acc_steps),
                                len(self.dataloader))
+        if getattr(self.step_scheduler, "num_epochs", None):
+            needed = min(needed, int(self.step_scheduler.num_epochs))
         missing = sorted(set(range(needed)) - set(cache.epochs("train")))
         if missing:
             raise RecipeConfigError(
@@ -173,6 +184,11 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             )
         if self.val_dataloader is not None and 0 not in cache.epochs("validation"):
             raise RecipeConfigError(f"teacher cache {cache.path} has no validation split; build it with the run's YAML")
+        named = self.cfg.get("teacher_model.pretrained_model_name_or_path", None)
+        built = cache.meta.get("teacher")
+        if named and built and Path(str(named)).resolve() != Path(str(built)).resolve() and self.dist_env.is_main:
+            logger.warning("teacher cache %s was built from %s, not teacher_model.pretrained_model_name_or_path=%s; "
+                           "the cached anchor is used", cache.path, built, named)
         self.teacher_cache = cache
         self._cache_split = "train"
         if self.dist_env.is_main:

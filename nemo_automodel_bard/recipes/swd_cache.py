@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer
-from nemo_automodel_bard.models.bard_vl.teacher_cache import build_teacher_cache, epochs_needed
+from nemo_automodel_bard.models.bard_vl.teacher_cache import TeacherCacheError, build_teacher_cache, epochs_needed
 
 from .collate import BardCollate
 from .common import RecipeConfigError, load_recipe_config
@@ -68,6 +68,13 @@ def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
     except (ModelConfigError, ValueError) as exc:
         raise RecipeConfigError(str(exc)) from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    processor_cfg = cfg.get("processor", None)
+    processor_kwargs = _collate_kwargs(processor_cfg) if processor_cfg is not None else {}
+    if processor_kwargs:  # the run's input differs otherwise: the cache's per-sample input hash would refuse it
+        raise RecipeConfigError(
+            f"the YAML's processor section {processor_kwargs!r} is not supported by the cache builder; the SWD "
+            "recipes use `processor: {}` (the student's own processor)"
+        )
     processor = AutoProcessor.from_pretrained(str(student_path))
     config = AutoConfig.from_pretrained(str(student_path))
     train = BardCollate(processor=processor, **_with_defaults(_collate_kwargs(cfg.get("dataloader.collate_fn")),
@@ -112,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     try:
         out = build_cache_from_config(load_recipe_config(argv[0], argv[1:]))
-    except RecipeConfigError as exc:
+    except (RecipeConfigError, TeacherCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(out)

@@ -19,6 +19,7 @@ Layout of a cache directory::
         ids      [R, k] int32   their token ids
         targets  [R]    int32   gold token at each row (checked against the batch)
         levels   [S, N] fp32    corruption level of each response block (NaN-padded; checked)
+        input_hash [S]  int64   hash of the sample's tokens and mRoPE positions in the row (checked)
 
 Files are written to a temporary name and renamed, so an interrupted build leaves no half file.
 
@@ -41,6 +42,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 
 from nemo_automodel_bard.diffusion.losses import teacher_topk
+from nemo_automodel_bard.diffusion.masks import TokenType
 
 from .training import _MODEL_INPUTS, build_training_mask
 
@@ -78,6 +80,9 @@ def collator_fingerprint(collator: Any) -> dict[str, Any]:
         "mask_token_id": int(inner.mask_token_id),
         "pad_block_token_id": int(inner.pad_block_token_id),
         "pad_weight": float(inner.pad_weight),
+        "substitution_ids": None if getattr(inner, "substitution_ids", None) is None else hashlib.blake2b(
+            inner.substitution_ids.numpy().tobytes(), digest_size=8).hexdigest(),
+        "image_root": getattr(inner, "image_root", None),
     }
 
 
@@ -107,6 +112,26 @@ def _per_sample(batch: Mapping[str, Any], rows: torch.Tensor) -> tuple[list[int]
         [rows[owner == s] for s in range(len(indices))],
         [levels[level_owner == s] for s in range(len(indices))],
     )
+
+
+def _input_hashes(batch: Mapping[str, Any]) -> list[int]:
+    """Per sample (row-major order): a hash of its tokens and mRoPE positions in the row.
+
+    A row holds its samples as consecutive documents (``doc_ids`` 0, 1, ...); dummy media appended by
+    the recipes' collate wrapper form a document without clean tokens and are skipped.
+    """
+    ids = torch.as_tensor(batch["input_ids"]).cpu()
+    pos = torch.as_tensor(batch["position_ids"]).cpu()
+    docs = torch.as_tensor(batch["doc_ids"]).cpu()
+    clean = torch.as_tensor(batch["token_type"]).cpu() == int(TokenType.CLEAN)
+    out = []
+    for r in range(ids.shape[0]):
+        for d in torch.unique(docs[r][clean[r]]).tolist():
+            span = docs[r] == d
+            digest = hashlib.blake2b(ids[r][span].numpy().tobytes(), digest_size=8)
+            digest.update(pos[:, r][:, span].contiguous().numpy().tobytes())
+            out.append(int.from_bytes(digest.digest(), "little", signed=True))
+    return out
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -159,10 +184,10 @@ def build_teacher_cache(
         "teacher_block_size": int(teacher_block_size),
         "top_k": int(top_k),
         "kd_at_block_padding": bool(kd_at_block_padding),
-        "collator": collator_fingerprint(collator),
         "tokenizer": tokenizer_fingerprint(processor.tokenizer) if processor is not None else None,
         **dict(extra_meta or {}),
     }
+    split_collator = collator_fingerprint(collator)  # per split: validation collators differ (e.g. their seed)
     existing = _read_meta(out) if (out / _META).exists() else None
     if existing is not None:
         old = {k: v for k, v in existing.items() if k != "splits"}
@@ -170,13 +195,17 @@ def build_teacher_cache(
             diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise TeacherCacheError(f"{out}: the cache was built with other settings ({', '.join(diff)}); use a new directory")
     meta["splits"] = dict(existing.get("splits", {})) if existing else {}
+    known = meta["splits"].get(split)
+    if known is not None and known.get("collator") != split_collator:
+        raise TeacherCacheError(f"{out}: its {split!r} split was built with other collator settings; use a new directory")
 
     device = next(teacher.parameters()).device
     teacher.eval()
     n = len(dataset)
     for epoch in epoch_list:
         collator.set_epoch(epoch)
-        index_rows, offsets, values, ids, targets, levels = [], [0], [], [], [], []
+        index_rows, offsets, values, ids, targets, levels, hashes = [], [0], [], [], [], [], []
+        seen: set[int] = set()
         starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -184,6 +213,8 @@ def build_teacher_cache(
             starts = tqdm(starts, desc=f"teacher cache {split} epoch {epoch}")
         for start in starts:
             batch = collator([dataset[i] for i in range(start, min(n, start + batch_size))])
+            if not int(batch.get("num_samples", 0)):
+                continue  # every record of this batch was skipped by the collator
             rows = kd_rows(batch, kd_at_block_padding)
             positions = torch.as_tensor(batch["loss_positions"]).long()[rows]
             with torch.no_grad():
@@ -200,9 +231,13 @@ def build_teacher_cache(
             local = torch.full((int(torch.as_tensor(batch["loss_positions"]).numel()),), -1, dtype=torch.long)
             local[rows] = torch.arange(rows.numel())
             gold = torch.as_tensor(batch["loss_targets"]).cpu()
-            for index, sample_rows, sample_levels in zip(*_per_sample(batch, rows)):
+            for (index, sample_rows, sample_levels), digest in zip(zip(*_per_sample(batch, rows)), _input_hashes(batch)):
+                if index in seen:
+                    raise TeacherCacheError(f"dataset index {index} occurs twice; a teacher cache needs unique record indices")
+                seen.add(index)
                 pick = local[sample_rows]
                 index_rows.append(index)
+                hashes.append(digest)
                 values.append(top_values[pick].cpu())
                 ids.append(top_ids[pick].cpu().to(torch.int32))
                 targets.append(gold[sample_rows].to(torch.int32))
@@ -221,10 +256,11 @@ def build_teacher_cache(
                 "ids": torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.int32),
                 "targets": torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int32),
                 "levels": level_table,
+                "input_hash": torch.tensor(hashes, dtype=torch.int64),
             },
             out / f"{split}_epoch_{epoch}.safetensors",
         )
-        meta["splits"].setdefault(split, {"num_samples": n, "epochs": []})
+        meta["splits"].setdefault(split, {"num_samples": n, "epochs": [], "collator": split_collator})
         meta["splits"][split]["num_samples"] = n
         meta["splits"][split]["epochs"] = sorted(set(meta["splits"][split]["epochs"]) | {epoch})
         _write_meta(out, meta)
@@ -261,6 +297,23 @@ class TeacherTopKCache:
         if wrong:
             raise TeacherCacheError(f"teacher cache {self.path} does not match this run: " + "; ".join(wrong))
 
+    def check_split(self, split: str, collator: Any, num_samples: Optional[int] = None) -> None:
+        """Refuse a split built with other collator settings or for a data set of another size."""
+        info = self.meta.get("splits", {}).get(split)
+        if info is None:
+            raise TeacherCacheError(f"teacher cache {self.path} has no {split!r} split; build it with the run's YAML")
+        ours = collator_fingerprint(collator)
+        if info.get("collator") != ours:
+            diff = sorted(k for k in ours if (info.get("collator") or {}).get(k) != ours[k])
+            raise TeacherCacheError(
+                f"teacher cache {self.path}: the {split!r} split was built with other collator settings ({', '.join(diff)})"
+            )
+        if num_samples is not None and int(info.get("num_samples", -1)) != int(num_samples):
+            raise TeacherCacheError(
+                f"teacher cache {self.path}: the {split!r} split was built for {info.get('num_samples')} records, "
+                f"the run's data set has {num_samples}"
+            )
+
     def epochs(self, split: str) -> list[int]:
         return list(self.meta.get("splits", {}).get(split, {}).get("epochs", []))
 
@@ -274,6 +327,9 @@ class TeacherTopKCache:
                 )
             from safetensors import safe_open
 
+            for old in [k for k in self._files if k[0] == split]:  # one open epoch per split
+                del self._files[old]
+
             handle = safe_open(str(self.path / f"{split}_epoch_{int(epoch)}.safetensors"), framework="pt")
             index = handle.get_tensor("index")
             self._files[key] = {
@@ -281,6 +337,7 @@ class TeacherTopKCache:
                 "row_of": {int(i): s for s, i in enumerate(index.tolist())},
                 "offsets": handle.get_tensor("offsets"),
                 "levels": handle.get_tensor("levels"),
+                "input_hash": handle.get_tensor("input_hash"),
             }
         return self._files[key]
 
@@ -300,7 +357,7 @@ class TeacherTopKCache:
         values, ids, cursor = [], [], 0
         local = torch.full((int(gold.numel()),), -1, dtype=torch.long)
         local[rows] = torch.arange(rows.numel())
-        for index, sample_rows, sample_levels in zip(*_per_sample(batch, rows)):
+        for (index, sample_rows, sample_levels), digest in zip(zip(*_per_sample(batch, rows)), _input_hashes(batch)):
             s = entry["row_of"].get(index)
             if s is None:
                 raise TeacherCacheError(f"teacher cache {self.path}: sample {index} is not in the {split!r} epoch {epoch} file")
@@ -312,6 +369,11 @@ class TeacherTopKCache:
                     f"teacher cache {self.path}: sample {index} (epoch {epoch}) was cached with {hi - lo} KD positions "
                     f"and another corruption than this batch ({sample_rows.numel()} positions); it was built for "
                     "other data or collator settings"
+                )
+            if int(entry["input_hash"][s]) != digest:
+                raise TeacherCacheError(
+                    f"teacher cache {self.path}: the input of sample {index} (epoch {epoch}) -- its tokens or positions "
+                    "-- differs from the cached one; the cache was built from other data or another processor"
                 )
             if not torch.equal(handle.get_slice("targets")[lo:hi].long(), gold[sample_rows].long()):
                 raise TeacherCacheError(
