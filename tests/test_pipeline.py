@@ -135,6 +135,27 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     assert other["swd"]["anchor_dir"] == str(Path(external).resolve())
     assert teachers == [str(Path(external).resolve())] * 2  # the KD student and its control
 
+    # offline teacher (swd.teacher_cache): the anchor's top-k is cached once per student and reused by a
+    # KD sweep; the no-KD control keeps its run
+    runs = []
+
+    def record_cache(yaml_path, overrides, launcher, log_file):
+        runs.append((overrides["bard.kd_weight"], overrides.get("bard.teacher_cache")))
+        fake_training(yaml_path, overrides, launcher, log_file)
+
+    monkeypatch.setattr(stages, "run_recipe", record_cache)
+    with_external = [*SMOKE_OVERRIDES, f"swd.anchor_path={external}", "swd.teacher_cache=true", "stages=[swd]"]
+    offline = run_pipeline(_config(tmp_path, with_external), tmp_path)
+    cache = offline["swd"]["teacher_cache_b8"]
+    meta = json.loads((Path(cache) / "meta.json").read_text())
+    assert meta["teacher"] == str(Path(external).resolve()) and meta["splits"]["train"]["num_samples"] == 64
+    assert runs == [(0.5, cache)] and offline["swd"]["ce_b8_dir"] == other["swd"]["ce_b8_dir"]
+    import nemo_automodel_bard.recipes.swd_cache as swd_cache
+
+    monkeypatch.setattr(swd_cache, "build_cache_from_config", refuse)
+    swept = run_pipeline(_config(tmp_path, [*with_external, "swd.kd_weight=0.25"]), tmp_path)
+    assert runs[-1] == (0.25, cache) and swept["swd"]["teacher_cache_b8"] == cache
+
 
 def test_torchrun_splits_the_tiny_micro_batch_over_ranks():
     from nemo_automodel_bard.pipeline.stages import _batch_overrides, _world_size

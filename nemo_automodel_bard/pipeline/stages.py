@@ -103,11 +103,17 @@ def _batch_overrides(yaml_path: Path, world: int, given: dict[str, Any]) -> dict
     return {}
 
 
+def _full_overrides(ctx: Context, yaml_path: Path, overrides: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A stage's overrides plus the data, validation and batch-size ones every run gets."""
+    full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg), **(extra or {})}
+    full.update(_batch_overrides(yaml_path, _world_size(ctx.launcher), full))
+    return full
+
+
 def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}``."""
     yaml_path = ctx.recipe_dir / recipe
-    full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg), **(extra or {})}
-    full.update(_batch_overrides(yaml_path, _world_size(ctx.launcher), full))
+    full = _full_overrides(ctx, yaml_path, overrides, extra)
     key = fingerprint({"recipe": str(yaml_path), "overrides": full, "launcher": ctx.launcher})
     stage_id = f"{name}"
     done = ctx.manifest.finished(stage_id, key)
@@ -203,6 +209,34 @@ def stage_pbm(ctx: Context) -> dict[str, Any]:
     return result
 
 
+#: SWD keys the teacher cache does not depend on (a sweep over them reuses one cache)
+_LOSS_ONLY_KEYS = ("bard.ce_weight", "bard.kd_weight", "bard.kd_direction", "bard.kd_temperature")
+
+
+def _teacher_cache(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any]) -> str:
+    """Build (or find) the offline teacher cache of one SWD run; return its directory."""
+    from nemo_automodel_bard.recipes.common import load_recipe_config
+    from nemo_automodel_bard.recipes.swd_cache import build_cache_from_config
+
+    from .launch import format_overrides
+
+    yaml_path = ctx.recipe_dir / recipe
+    full = _full_overrides(ctx, yaml_path, overrides, extra)
+    key = fingerprint({"recipe": str(yaml_path), "overrides": {k: v for k, v in full.items() if k not in _LOSS_ONLY_KEYS}})
+    done = ctx.manifest.finished(name, key)
+    if done is not None:
+        return done["cache_dir"]
+    out = ctx.work_dir / f"{name}-{key}"
+    full["bard.teacher_cache"] = str(out)
+    ctx.manifest.mark_started(name, key)
+    started = time.perf_counter()
+    print(f"[bard-vl] stage {name}: teacher cache -> {out}", flush=True)
+    build_cache_from_config(load_recipe_config(yaml_path, format_overrides(full)))
+    outputs = {"cache_dir": str(out.resolve())}
+    ctx.manifest.record(name, key, outputs, time.perf_counter() - started)
+    return outputs["cache_dir"]
+
+
 #: KD settings handed to the no-KD control runs (unused there: their KD weight is 0)
 _CONTROL_KD = {"top_k": 16, "direction": "forward", "temperature": 1.0}
 
@@ -252,6 +286,10 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
             }
             if kd_weight:
                 overrides["bard.kd_at_block_padding"] = bool(section.get("kd_at_block_padding", False))
+                if section.get("teacher_cache", False):  # offline teacher: its top-k computed once per student
+                    overrides["bard.teacher_cache"] = _teacher_cache(
+                        ctx, f"swd_teacher_b{student}", section["recipe"], overrides, section.get("overrides") or {})
+                    result[f"teacher_cache_b{student}"] = overrides["bard.teacher_cache"]
             out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {})
             result[f"{label}_b{student}_dir"] = out["model_dir"]
             result[f"{label}_b{student}_log"] = out["log_dir"]

@@ -71,6 +71,8 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 )
             if student not in blocks:
                 raise PipelineConfigError(f"swd.student_block_sizes: {student} has no PBM stage (pbm.block_sizes={blocks})")
+        if not isinstance(swd.get("teacher_cache", False), bool):
+            raise PipelineConfigError(f"swd.teacher_cache must be true or false, got {swd.get('teacher_cache')!r}")
         if swd["direction"] not in ("forward", "reverse"):
             raise PipelineConfigError(f"swd.direction must be 'forward' or 'reverse', got {swd['direction']!r}")
 
