@@ -15,6 +15,7 @@ See :mod:`nemo_automodel_bard.models.bard_vl.teacher_cache`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer
 from nemo_automodel_bard.models.bard_vl.teacher_cache import TeacherCacheError, build_teacher_cache, epochs_needed
 
-from .collate import BardCollate
+from .collate import bard_collate_fn, resolve_collate
 from .common import RecipeConfigError, load_recipe_config
 from .model_builder import ModelConfigError, check_model_path
 from .pbm import diffusion_collate_defaults, validation_collate_defaults
@@ -42,12 +43,9 @@ def _collate_kwargs(node: Any) -> dict:
     return kwargs
 
 
-def _with_defaults(kwargs: dict, defaults: dict) -> dict:
-    out = dict(kwargs)
-    for key, value in defaults.items():
-        if value is not None and out.get(key) is None:
-            out[key] = value
-    return out
+def _collator(node: Any, processor: Any, defaults: dict) -> Any:
+    """The collator the recipe builds from the same YAML node (via :func:`resolve_collate`)."""
+    return resolve_collate(functools.partial(bard_collate_fn, processor=processor, **_collate_kwargs(node)), **defaults)
 
 
 def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
@@ -77,8 +75,7 @@ def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
         )
     processor = AutoProcessor.from_pretrained(str(student_path))
     config = AutoConfig.from_pretrained(str(student_path))
-    train = BardCollate(processor=processor, **_with_defaults(_collate_kwargs(cfg.get("dataloader.collate_fn")),
-                                                               diffusion_collate_defaults(config)))
+    train = _collator(cfg.get("dataloader.collate_fn"), processor, diffusion_collate_defaults(config))
     dataset = cfg.dataset.instantiate()
     swd = {key: cfg.get(f"bard.{key}", default) for key, default in SWD_DEFAULTS.items()}
     local = int(cfg.get("step_scheduler.local_batch_size", 1))
@@ -103,8 +100,8 @@ def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
     )
     out = build_teacher_cache(teacher, dataset, train, cache_dir, split="train", epochs=int(epochs), **common)
     if cfg.get("validation_dataset", None) is not None:
-        val_kwargs = _collate_kwargs(cfg.get("validation_dataloader.collate_fn", None))
-        val = BardCollate(processor=processor, **_with_defaults(val_kwargs, validation_collate_defaults(config, train)))
+        val = _collator(cfg.get("validation_dataloader.collate_fn", None), processor,
+                        validation_collate_defaults(config, train))
         build_teacher_cache(teacher, cfg.validation_dataset.instantiate(), val, cache_dir, split="validation",
                             epochs=[0], **common)
     logger.info("teacher cache written to %s (%d training epochs)", out, int(epochs))

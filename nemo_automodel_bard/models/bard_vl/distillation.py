@@ -35,7 +35,7 @@ from nemo_automodel_bard.diffusion.masks import reblock
 
 from .training import _MODEL_INPUTS, build_training_mask
 
-__all__ = ["check_same_tokenizer", "swd_training_loss", "teacher_view"]
+__all__ = ["anchor_topk", "check_same_tokenizer", "kd_loss_rows", "row_inputs", "swd_training_loss", "teacher_view"]
 
 
 def teacher_view(batch: Mapping[str, Any], teacher_block_size: int) -> dict[str, Any]:
@@ -43,6 +43,46 @@ def teacher_view(batch: Mapping[str, Any], teacher_block_size: int) -> dict[str,
     token_type = torch.as_tensor(batch["token_type"])
     doc_ids = torch.as_tensor(batch["doc_ids"])
     return {**batch, "block_ids": reblock(token_type, doc_ids, int(teacher_block_size))}
+
+
+def kd_loss_rows(batch: Mapping[str, Any], kd_at_block_padding: bool) -> torch.Tensor:
+    """Indices ``[R]`` (CPU) of the loss positions that get KD: all of them, or all but the block-padding
+    targets (``batch["loss_is_block_pad"]``; all when the batch has no such key)."""
+    n = torch.as_tensor(batch["loss_positions"]).numel()
+    pad = batch.get("loss_is_block_pad")
+    if kd_at_block_padding or pad is None:
+        return torch.arange(n)
+    return torch.nonzero(~torch.as_tensor(pad).bool().cpu()).reshape(-1)
+
+
+def row_inputs(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
+    """Model inputs of a collated batch's rows (tokens, mRoPE positions, media) on ``device``, no mask."""
+    return dict(
+        input_ids=torch.as_tensor(batch["input_ids"]).to(device),
+        position_ids=torch.as_tensor(batch["position_ids"]).to(device),
+        use_cache=False,
+        **{k: torch.as_tensor(batch[k]).to(device) for k in _MODEL_INPUTS if batch.get(k) is not None},
+    )
+
+
+def anchor_topk(
+    teacher: Any,
+    batch: Mapping[str, Any],
+    positions: torch.Tensor,
+    *,
+    teacher_block_size: int,
+    top_k: int,
+    attention: str = "auto",
+    inputs: Optional[Mapping[str, Any]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor's top-``k`` ``(values [R, k] fp32, ids [R, k] int64)`` at flat row ``positions`` [R],
+    seen with its own block size's mask (no gradient; full logits only at those positions)."""
+    if inputs is None:
+        inputs = row_inputs(batch, next(teacher.parameters()).device)
+    with torch.no_grad():
+        mask = build_training_mask(teacher, teacher_view(batch, teacher_block_size), attention=attention)
+        logits = teacher(attention_mask=mask, logits_positions=positions, **inputs).logits.float()
+        return teacher_topk(logits, min(int(top_k), logits.shape[-1]))
 
 
 def check_same_tokenizer(student_dir: Any, teacher_dir: Any) -> None:
@@ -99,16 +139,12 @@ def swd_training_loss(
     targets = torch.as_tensor(batch["loss_targets"]).to(device).long()
     sample_index = torch.as_tensor(batch["loss_sample_index"]).to(device).long()
     num_samples = int(batch.get("num_samples", int(torch.as_tensor(batch["loss_normalizer"]).numel())))
-    input_ids = torch.as_tensor(batch["input_ids"]).to(device)
-    if input_ids.numel() == 0 or positions.numel() == 0:
+    if torch.as_tensor(batch["input_ids"]).numel() == 0 or positions.numel() == 0:
         loss = sum(p.sum() for p in student.parameters() if p.requires_grad) * 0.0
         zero = torch.zeros((), device=device)
         return loss, {"loss": zero, "ce": zero, "kd": zero, "accuracy": zero, "teacher_accuracy": zero,
                       "agreement": zero, "num_loss_tokens": 0, "num_kd_tokens": 0, "num_samples": 0}
-    kd_select = torch.ones_like(positions, dtype=torch.bool)
-    if not kd_at_block_padding and batch.get("loss_is_block_pad") is not None:
-        kd_select = ~torch.as_tensor(batch["loss_is_block_pad"]).to(device).bool()
-    kd_index = torch.nonzero(kd_select).reshape(-1)
+    kd_index = kd_loss_rows(batch, kd_at_block_padding).to(device)
     taught = kd_index.numel() > 0  # False only when every loss position is block padding
     offline = teacher_topk_values is not None or teacher_topk_ids is not None
     if offline and (teacher_topk_values is None or teacher_topk_ids is None
@@ -120,22 +156,14 @@ def swd_training_loss(
         )
     if not offline and teacher is None:
         raise ValueError("swd_training_loss needs a teacher model or its cached top-k (teacher_topk_values / _ids)")
-    inputs = dict(
-        input_ids=input_ids,
-        position_ids=torch.as_tensor(batch["position_ids"]).to(device),
-        use_cache=False,
-        **{k: torch.as_tensor(batch[k]).to(device) for k in _MODEL_INPUTS if batch.get(k) is not None},
-    )
+    inputs = row_inputs(batch, device)
     if taught and offline:
         t_values, t_ids = teacher_topk_values.float(), teacher_topk_ids.long()
         teacher_argmax = t_ids[:, 0].to(device)
     elif taught:
-        with torch.no_grad():
-            t_mask = build_training_mask(teacher, teacher_view(batch, teacher_block_size), attention=teacher_attention)
-            teacher_logits = teacher(attention_mask=t_mask, logits_positions=positions[kd_index], **inputs).logits.float()
-            t_values, t_ids = teacher_topk(teacher_logits, min(int(top_k), teacher_logits.shape[-1]))
-            teacher_argmax = t_ids[:, 0]
-            del teacher_logits
+        t_values, t_ids = anchor_topk(teacher, batch, positions[kd_index], teacher_block_size=teacher_block_size,
+                                      top_k=top_k, attention=teacher_attention, inputs=inputs)
+        teacher_argmax = t_ids[:, 0]
     s_mask = build_training_mask(student, batch, attention=attention)
     logits = student(attention_mask=s_mask, logits_positions=positions, **inputs).logits.float()  # [M, V]
     ce = F.cross_entropy(logits, targets, reduction="none")

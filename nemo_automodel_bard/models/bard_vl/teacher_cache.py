@@ -7,7 +7,7 @@ over a data set for the epochs a run will see and stores, per sample, its top-``
 at the sample's KD positions (the loss positions, minus block padding unless
 ``kd_at_block_padding``). A student run with ``bard.teacher_cache: <dir>`` then reads them instead
 of running the teacher: no teacher forward and no teacher weights in memory during training, and
-exactly the same KD targets as the online teacher (nothing is frozen: every epoch has its own draw).
+the online teacher's KD targets up to float rounding (nothing is frozen: every epoch has its own draw).
 
 Layout of a cache directory::
 
@@ -27,7 +27,7 @@ Example:
     >>> build_teacher_cache(anchor, dataset, collator, "cache", split="train", epochs=3,  # doctest: +SKIP
     ...                     teacher_block_size=4, top_k=16)
     >>> cache = TeacherTopKCache("cache")                                               # doctest: +SKIP
-    >>> values, ids = cache.lookup("train", batch, kd_at_block_padding=False)           # doctest: +SKIP
+    >>> values, ids = cache.lookup("train", 0, batch, kd_at_block_padding=False)        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from nemo_automodel_bard.diffusion.losses import teacher_topk
 from nemo_automodel_bard.diffusion.masks import TokenType
 
-from .training import _MODEL_INPUTS, build_training_mask
+from .distillation import anchor_topk, kd_loss_rows
 
 __all__ = [
     "CACHE_FORMAT",
@@ -53,7 +52,6 @@ __all__ = [
     "build_teacher_cache",
     "collator_fingerprint",
     "epochs_needed",
-    "kd_rows",
     "tokenizer_fingerprint",
 ]
 
@@ -90,15 +88,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short stable hash of a tokenizer's vocabulary (token -> id)."""
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.blake2b(json.dumps(vocab).encode("utf-8"), digest_size=12).hexdigest()
-
-
-def kd_rows(batch: Mapping[str, Any], kd_at_block_padding: bool) -> torch.Tensor:
-    """Indices ``[R]`` of the loss positions that get KD (all, or all but block-padding targets)."""
-    n = torch.as_tensor(batch["loss_positions"]).numel()
-    pad = batch.get("loss_is_block_pad")
-    if kd_at_block_padding or pad is None:
-        return torch.arange(n)
-    return torch.nonzero(~torch.as_tensor(pad).bool().cpu()).reshape(-1)
 
 
 def _per_sample(batch: Mapping[str, Any], rows: torch.Tensor) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
@@ -171,8 +160,6 @@ def build_teacher_cache(
     the epoch numbers. ``extra_meta`` is stored in ``meta.json`` (e.g. the teacher's path). Returns
     the cache directory. A directory built for other settings is refused, not overwritten.
     """
-    from nemo_automodel_bard.models.bard_vl.distillation import teacher_view
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     epoch_list = list(range(int(epochs))) if isinstance(epochs, int) else [int(e) for e in epochs]
@@ -215,19 +202,10 @@ def build_teacher_cache(
             batch = collator([dataset[i] for i in range(start, min(n, start + batch_size))])
             if not int(batch.get("num_samples", 0)):
                 continue  # every record of this batch was skipped by the collator
-            rows = kd_rows(batch, kd_at_block_padding)
-            positions = torch.as_tensor(batch["loss_positions"]).long()[rows]
-            with torch.no_grad():
-                inputs = {k: torch.as_tensor(batch[k]).to(device) for k in _MODEL_INPUTS if batch.get(k) is not None}
-                logits = teacher(
-                    input_ids=torch.as_tensor(batch["input_ids"]).to(device),
-                    attention_mask=build_training_mask(teacher, teacher_view(batch, teacher_block_size), attention=attention),
-                    position_ids=torch.as_tensor(batch["position_ids"]).to(device),
-                    logits_positions=positions.to(device),
-                    use_cache=False,
-                    **inputs,
-                ).logits.float()
-                top_values, top_ids = teacher_topk(logits, min(int(top_k), logits.shape[-1]))
+            rows = kd_loss_rows(batch, kd_at_block_padding)
+            positions = torch.as_tensor(batch["loss_positions"]).long()[rows].to(device)
+            top_values, top_ids = anchor_topk(teacher, batch, positions, teacher_block_size=teacher_block_size,
+                                              top_k=top_k, attention=attention)
             local = torch.full((int(torch.as_tensor(batch["loss_positions"]).numel()),), -1, dtype=torch.long)
             local[rows] = torch.arange(rows.numel())
             gold = torch.as_tensor(batch["loss_targets"]).cpu()
@@ -351,7 +329,7 @@ class TeacherTopKCache:
         """
         entry = self._file(split, epoch)
         handle = entry["handle"]
-        rows = kd_rows(batch, kd_at_block_padding)
+        rows = kd_loss_rows(batch, kd_at_block_padding)
         gold = torch.as_tensor(batch["loss_targets"]).cpu()
         order = torch.empty(rows.numel(), dtype=torch.long)
         values, ids, cursor = [], [], 0
