@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from nemo_automodel_bard.pipeline.app import config_dir, run_pipeline
@@ -51,6 +52,7 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["pbm.first_stage_steps=0"], r"pbm.first_stage_steps must be a positive integer"),
         (["data.order=sorted"], r"data.order must be one of \('reading', 'random'\)"),
         (["swd.anchor_path=/no/such/anchor"], r"swd.anchor_path: /no/such/anchor is not an exported model directory"),
+        (["evaluate.device=gpu0"], r"evaluate.device: 'gpu0' is not a device"),
     ],
 )
 def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message):
@@ -58,6 +60,15 @@ def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message)
     with pytest.raises(PipelineConfigError, match=message):
         run_pipeline(cfg)
     assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_evaluation_is_refused_without_a_gpu(tmp_path):
+    from nemo_automodel_bard.pipeline.evaluate import resolve_device
+
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(PipelineConfigError, match="evaluate.device: 'cuda' asks for CUDA"):
+        run_pipeline(_config(tmp_path, ["evaluate.device=cuda"]))
 
 
 def test_cli_reports_config_errors_cleanly(tmp_path):

@@ -73,6 +73,19 @@ def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str]
     return {"accuracy": sum(matches) / max(len(matches), 1)}
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> the first CUDA device if there is one, else the CPU; anything else as ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"evaluate.device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"evaluate.device: {device!r} asks for CUDA, which this machine does not have")
+    return resolved
+
+
 def _batches(records: Sequence[EvalRecord], size: int) -> Iterable[Sequence[EvalRecord]]:
     for start in range(0, len(records), size):
         yield records[start : start + size]
@@ -106,10 +119,12 @@ def evaluate_model(
     batch_size: int = 25,
     max_new_tokens: int = 64,
     record_trajectory_of: int | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Decode every record and score it.
 
-    ``ordered=False`` scores shapes answers without regard to the order of their objects.
+    ``ordered=False`` scores shapes answers without regard to the order of their objects. ``device``:
+    ``"auto"`` (the first CUDA device when there is one, else the CPU) or any ``torch.device`` string.
 
     Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``tokens_per_forward``
     (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
@@ -124,6 +139,7 @@ def evaluate_model(
     from nemo_automodel_bard.decoding.autoregressive import ar_generate
 
     model = BardVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.to(resolve_device(device))
     processor = AutoProcessor.from_pretrained(str(model_dir))
     block_size = int(block_size or model.config.block_size)
     predictions: list[str] = []

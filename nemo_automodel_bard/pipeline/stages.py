@@ -327,7 +327,9 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         for threshold in thresholds:
             tag = f"{name}" + ("" if threshold is None else f"@{threshold}")
             path = results_dir / f"{tag}.json"
-            key = fingerprint({"model": model_dir, "threshold": threshold, **section, "data": ctx.cfg["data"]})
+            # the device changes how fast, not what is decoded (up to float rounding): not in the key
+            settings = {k: v for k, v in section.items() if k != "device"}
+            key = fingerprint({"model": model_dir, "threshold": threshold, **settings, "data": ctx.cfg["data"]})
             done = ctx.manifest.finished(f"evaluate:{ctx.output_dir}:{tag}", key)
             if done is None:
                 print(f"[bard-vl] evaluate {tag} on {len(records)} held-out samples", flush=True)
@@ -340,6 +342,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                     remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
                     batch_size=int(section["batch_size"]), max_new_tokens=int(section["max_new_tokens"]),
                     record_trajectory_of=int(ctx.cfg["report"]["trajectory_index"]) if wants_trajectory else None,
+                    device=str(section.get("device", "auto")),
                 )
                 result.update(name=name, model_dir=model_dir)
                 write_result(result, path)
