@@ -83,6 +83,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"evaluate.device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"evaluate.device: {device!r} asks for CUDA, which this machine does not have")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"evaluate.device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA devices")
     return resolved
 
 
