@@ -86,14 +86,12 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         if not 0 < float(threshold) <= 1.5:
             raise PipelineConfigError(f"evaluate.thresholds: {threshold} is not a confidence threshold in (0, 1]")
 
-    device = str(cfg["evaluate"].get("device", "auto"))
-    if device != "auto":
-        from .evaluate import resolve_device
+    from .evaluate import resolve_device
 
-        try:
-            resolve_device(device)
-        except ValueError as exc:
-            raise PipelineConfigError(str(exc)) from None
+    try:
+        resolve_device(str(cfg["evaluate"].get("device", "auto")))
+    except ValueError as exc:
+        raise PipelineConfigError(str(exc)) from None
 
     model = cfg["model"]
     recipe_dir = Path(model["recipe_dir"])

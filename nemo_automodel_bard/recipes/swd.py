@@ -173,9 +173,7 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
         except TeacherCacheError as exc:
             raise RecipeConfigError(str(exc)) from None
         needed = epochs_needed(int(self.step_scheduler.max_steps), int(self.step_scheduler.grad_acc_steps),
-                               len(self.dataloader))
-        if getattr(self.step_scheduler, "num_epochs", None):
-            needed = min(needed, int(self.step_scheduler.num_epochs))
+                               len(self.dataloader), getattr(self.step_scheduler, "num_epochs", None) or None)
         missing = sorted(set(range(needed)) - set(cache.epochs("train")))
         if missing:
             raise RecipeConfigError(

@@ -83,9 +83,8 @@ def build_cache_from_config(cfg: Any, device: Any = None) -> Path:
     if not epochs:
         max_steps, num_epochs = cfg.get("step_scheduler.max_steps", None), cfg.get("step_scheduler.num_epochs", None)
         epochs = num_epochs if max_steps is None else epochs_needed(
-            int(max_steps), int(cfg.get("step_scheduler.global_batch_size", local)) // local, -(-len(dataset) // local))
-        if max_steps is not None and num_epochs is not None:
-            epochs = min(int(epochs), int(num_epochs))
+            int(max_steps), int(cfg.get("step_scheduler.global_batch_size", local)) // local, -(-len(dataset) // local),
+            num_epochs)
     if not isinstance(epochs, int) or epochs < 1:
         raise RecipeConfigError(f"cannot tell how many epochs to cache (got {epochs!r}); set bard.teacher_cache_epochs")
     teacher = load_teacher(cfg, str(teacher_path), device)

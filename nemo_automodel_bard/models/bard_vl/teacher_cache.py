@@ -370,10 +370,13 @@ class TeacherTopKCache:
         return out_values.float(), out_ids
 
 
-def epochs_needed(max_steps: int, micro_batches_per_step: int, batches_per_epoch: int) -> int:
+def epochs_needed(
+    max_steps: int, micro_batches_per_step: int, batches_per_epoch: int, num_epochs: Optional[int] = None
+) -> int:
     """Epochs (0..n-1) a run of ``max_steps`` optimizer steps touches (NeMo's step scheduler: an epoch
-    is ``ceil(batches_per_epoch / micro_batches_per_step)`` steps)."""
+    is ``ceil(batches_per_epoch / micro_batches_per_step)`` steps), at most ``num_epochs`` when given."""
     if batches_per_epoch <= 0:
         return 0
     steps_per_epoch = math.ceil(int(batches_per_epoch) / max(1, int(micro_batches_per_step)))
-    return max(1, math.ceil(int(max_steps) / steps_per_epoch))
+    needed = max(1, math.ceil(int(max_steps) / steps_per_epoch))
+    return needed if num_epochs is None else min(needed, int(num_epochs))
