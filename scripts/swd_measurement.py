@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, required=True, help="wall-clock seconds for everything")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/swd-measurement"))
     parser.add_argument("--ar", type=Path, default=None, help="AR Qwen3-VL export to start from (skips ar_pretrain)")
-    parser.add_argument("--order", choices=("reading", "random"), default="reading")
+    parser.add_argument("--order", choices=("reading", "random", "subset"), default="reading")
     parser.add_argument("--student", type=int, default=16, help="student block size (the anchor's is 4)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, max((os.cpu_count() or 1) - 2, 0) // 2),

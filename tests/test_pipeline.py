@@ -50,7 +50,7 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["pbm.max_steps=[10,10]"], r"2 entries for 5 block sizes"),
         (["pbm.max_steps=[10,10,0,10,10]"], r"pbm.max_steps\[\] must be a positive integer"),
         (["pbm.first_stage_steps=0"], r"pbm.first_stage_steps must be a positive integer"),
-        (["data.order=sorted"], r"data.order must be one of \('reading', 'random'\)"),
+        (["data.order=sorted"], r"data.order must be one of \('reading', 'random', 'subset'\)"),
         (["swd.anchor_path=/no/such/anchor"], r"swd.anchor_path: /no/such/anchor is not an exported model directory"),
         (["evaluate.device=gpu0"], r"evaluate.device: 'gpu0' is not a device"),
     ],
@@ -206,5 +206,23 @@ def test_shapes_answer_order_reaches_training_and_evaluation():
     assert [r.reference for r in records] == [task.sample("heldout", i).answer for i in range(3)]
     in_reading_order = [ShapesTask(seed=0).sample("heldout", i).answer for i in range(3)]
     refs = [r.reference for r in records]
-    assert _score("shapes", in_reading_order, refs, ordered=False)["accuracy"] == 1.0
+    assert _score("shapes", in_reading_order, refs, order="random")["accuracy"] == 1.0
     assert _score("shapes", in_reading_order, refs)["accuracy"] < 1.0
+
+
+def test_subset_evaluation_scores_against_the_whole_layout():
+    from nemo_automodel_bard.data.shapes import ShapesTask, format_answer
+    from nemo_automodel_bard.pipeline.evaluate import _score, heldout_records
+    from nemo_automodel_bard.pipeline.stages import _data_overrides
+
+    data = {"kind": "shapes", "seed": 0, "train_size": 10, "order": "subset"}
+    assert _data_overrides({"data": data})["dataset.order"] == "subset"
+    records = heldout_records(data, 4)
+    task, subset = ShapesTask(seed=0), ShapesTask(seed=0, order="subset")
+    assert [r.reference for r in records] == [format_answer(task.layout("heldout", i)) for i in range(4)]
+    assert [r.messages[0]["content"][-1]["text"] for r in records] == [subset.sample("heldout", i).prompt
+                                                                      for i in range(4)]
+    gold = [subset.sample("heldout", i).answer for i in range(4)]
+    assert _score("shapes", gold, [r.reference for r in records], order="subset")["accuracy"] == 1.0
+    whole = [r.reference for r in records]  # listing every object is not a subset answer
+    assert _score("shapes", whole, [r.reference for r in records], order="subset")["accuracy"] == 0.0

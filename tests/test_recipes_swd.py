@@ -63,14 +63,17 @@ def test_swd_resume_matches_uninterrupted_and_teacher_is_not_saved(tiny_model_di
     assert all(torch.equal(v, _weights(teacher_dir)[k]) for k, v in _weights(teacher_dir).items())
 
 
-def test_swd_kd_weight_zero_does_not_depend_on_the_teacher(tiny_model_dir, teacher_dir, tmp_path):
-    losses = []
-    for name, teacher in (("c", teacher_dir), ("d", tiny_model_dir)):
-        run_recipe(SWD, [*_common(tiny_model_dir, teacher, 1), "--bard.kd_weight=0",
-                         f"--checkpoint.checkpoint_dir={tmp_path / name}"])
-        losses.append(_jsonl(tmp_path / name / "training.jsonl")[0])
-    assert losses[0]["loss"] == losses[1]["loss"]
-    assert losses[0]["kd"] != losses[1]["kd"]  # the KD term is still measured, just not trained on
+def test_swd_kd_weight_zero_is_a_control_without_teacher(tiny_model_dir, teacher_dir, tmp_path):
+    logs = []
+    for name, teacher in (("c", teacher_dir), ("d", tmp_path / "no-such-anchor")):
+        recipe = run_recipe(SWD, [*_common(tiny_model_dir, teacher, 2), "--bard.kd_weight=0",
+                                  f"--checkpoint.checkpoint_dir={tmp_path / name}"])
+        assert recipe.teacher_model is None and recipe.teacher_cache is None  # never loaded, never run
+        logs.append(_jsonl(tmp_path / name / "training.jsonl"))
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+    assert all("kd" not in r for r in logs[0])  # no KD term and nothing to measure it against
+    bard = json.loads((tmp_path / "c" / "final" / "config.json").read_text())
+    assert bard["block_size"] == 8
 
 
 @pytest.mark.parametrize(

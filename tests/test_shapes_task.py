@@ -322,13 +322,65 @@ def test_random_order_answers(task):
         moved += a.answer != b.answer  # ... in another order
         assert shuffled.sample("train", i).answer == a.answer  # fixed per (seed, split, index)
         assert shuffled.text("train", i) == (a.prompt, a.answer)
-        assert exact_match(a.answer, b.answer, ordered=False)
+        assert exact_match(a.answer, b.answer, order="random")
         assert exact_match(a.answer, b.answer) == (a.answer == b.answer)
     assert moved >= 18
     assert shapes_dataset("heldout", 2, order="random")[1]["messages"][-1]["content"][0]["text"] == \
         shuffled.sample("heldout", 1).answer
-    assert score([a.answer], [b.answer], ordered=False)["exact_match"] == 1.0
-    assert not exact_match("red circle 1 1, red circle 1 1.", "red circle 1 1.", ordered=False)  # multisets
-    assert not exact_match("red circle one.", "red circle 1 1.", ordered=False)
+    assert score([a.answer], [b.answer], order="random")["exact_match"] == 1.0
+    assert not exact_match("red circle 1 1, red circle 1 1.", "red circle 1 1.", order="random")  # multisets
+    assert not exact_match("red circle one.", "red circle 1 1.", order="random")
     with pytest.raises(ValueError, match="order must be one of"):
         ShapesTask(order="sorted")
+
+
+def test_subset_answers(task):
+    from nemo_automodel_bard.data.shapes import SUBSET_PROMPTS, SUBSET_SIZE, valid_subset
+
+    subset = ShapesTask(seed=task.seed, order="subset")
+    chosen_first = set()
+    for i in range(40):
+        a, b = subset.sample("train", i), task.sample("train", i)
+        assert a.image.tobytes() == b.image.tobytes() and a.objects == b.objects  # same images
+        assert a.prompt in SUBSET_PROMPTS and str(SUBSET_SIZE) in a.prompt
+        listed = parse_answer(a.answer)
+        assert len(listed) == SUBSET_SIZE and set(listed) <= set(a.objects)
+        assert listed == sorted(listed, key=lambda o: (o[2], o[3]))  # reading order
+        assert valid_subset(a.answer, b.answer) and exact_match(a.answer, b.answer, order="subset")
+        assert subset.text("train", i) == (a.prompt, a.answer) == (subset.sample("train", i).prompt, a.answer)
+        chosen_first.add(a.objects.index(listed[0]))
+    assert len(chosen_first) >= 3  # the subset is drawn, not always the first objects
+
+
+@pytest.mark.parametrize(
+    "pred, valid",
+    [
+        ("red circle 1 1, green square 2 2, red cross 3 1.", True),
+        ("Red circle 1 1 ; blue cross 1 2, red cross 3 1", True),     # normalised like exact match
+        ("green square 2 2, red circle 1 1, red cross 3 1.", False),  # not in reading order
+        ("red circle 1 1, red circle 1 1, red cross 3 1.", False),    # a repeat
+        ("red circle 1 1, blue square 1 2, red cross 3 1.", False),   # no blue square in the image
+        ("red circle 1 1, red cross 3 1.", False),                    # too few
+        ("red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1.", False),  # too many
+        ("red circle 1 1, blue cross one two, red cross 3 1.", False),  # malformed
+        ("", False),
+    ],
+)
+def test_valid_subset_table(pred, valid):
+    from nemo_automodel_bard.data.shapes import valid_subset
+
+    layout = "red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1."
+    assert valid_subset(pred, layout) is valid
+    assert exact_match(pred, layout, order="subset") is valid
+
+
+def test_subset_score():
+    layout = "red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1."
+    preds = ["red circle 1 1, blue cross 1 2, red cross 3 1.",   # right
+             "red circle 1 1, blue square 1 2, red cross 3 1.",  # 2 of 3 objects are the image's
+             "green square 2 2, red circle 1 1."]                 # out of order, 2 of the 3 asked for
+    result = score(preds, [layout] * 3, order="subset")
+    assert result["exact_match"] == pytest.approx(1 / 3)
+    assert result["field_accuracy"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    with pytest.raises(ValueError, match="order must be one of"):
+        exact_match("a", "b", order="sorted")

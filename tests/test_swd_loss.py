@@ -44,6 +44,25 @@ def test_kd_is_zero_when_student_equals_teacher(tiny_model, swd_batch):
     assert float(other["kd"]) > 1e-4
 
 
+def test_kd_weight_zero_without_teacher_equals_the_loss_with_one(tiny_model, swd_batch):
+    teacher = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grads = []
+    for given in (teacher, None):
+        tiny_model.zero_grad()
+        loss, metrics = swd_training_loss(tiny_model, given, swd_batch, teacher_block_size=4, ce_weight=1.0,
+                                          kd_weight=0.0)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+    assert metrics["num_kd_tokens"] == 0 and float(metrics["kd"]) == 0.0
+    with pytest.raises(ValueError, match="needs a teacher model or its cached top-k"):
+        swd_training_loss(tiny_model, None, swd_batch, teacher_block_size=4, kd_weight=0.5)
+
+
 def test_no_gradient_reaches_the_teacher_and_kd_decreases_with_training(tiny_model, swd_batch, tiny_model_dir):
     from nemo_automodel_bard import BardVLForConditionalGeneration
 

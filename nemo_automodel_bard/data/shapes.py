@@ -52,6 +52,8 @@ __all__ = [
     "SHAPES",
     "BACKGROUND_RGB",
     "PROMPTS",
+    "SUBSET_PROMPTS",
+    "SUBSET_SIZE",
     "VIDEO_PROMPT",
     "TASK_VOCABULARY",
     "SPLITS",
@@ -69,6 +71,7 @@ __all__ = [
     "field_accuracy",
     "score",
     "task_corpus",
+    "valid_subset",
     "write_jsonl",
     "video_to_messages",
     "render_examples",
@@ -101,8 +104,13 @@ PROMPTS: tuple[str, ...] = (
 VIDEO_PROMPT: str = "List every shape in the last frame as color shape row column."
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
-#: How an answer orders its objects (:class:`ShapesTask` ``order``).
-ANSWER_ORDERS: tuple[str, ...] = ("reading", "random")
+#: What an answer lists, in which order (:class:`ShapesTask` ``order``).
+ANSWER_ORDERS: tuple[str, ...] = ("reading", "random", "subset")
+#: Objects named by an ``order="subset"`` answer.
+SUBSET_SIZE = 3
+#: Prompts of ``order="subset"`` samples (paraphrases of one question, as :data:`PROMPTS`).
+SUBSET_PROMPTS: tuple[str, ...] = tuple(p.replace("every shape", f"{SUBSET_SIZE} shapes").replace(
+    "each shape", f"{SUBSET_SIZE} shapes") for p in PROMPTS)
 
 MIN_OBJECTS = 4
 MAX_OBJECTS = 9
@@ -279,6 +287,11 @@ class ShapesTask:
             drawn per sample (fixed by ``(seed, split, index)``). Random order makes the answer ambiguous
             to a model that has not seen the earlier items -- the case where a small-block teacher's extra
             context carries information that the gold token alone does not (see docs/swd.md).
+            ``"subset"`` asks for :data:`SUBSET_SIZE` shapes (:data:`SUBSET_PROMPTS`) and answers with a
+            subset drawn per sample, in reading order: every token is uncertain given the image (which
+            objects?), but a valid answer only needs "later in reading order than the previous one".
+            Score it with :func:`valid_subset` against the image's full layout. Images are the same
+            in every order.
 
     Example:
         >>> task = ShapesTask(seed=0)
@@ -383,11 +396,15 @@ class ShapesTask:
     # -- samples --------------------------------------------------------------------------------------------
 
     def _prompt(self, rng: random.Random) -> str:
-        return rng.choice(PROMPTS) if self.paraphrase else PROMPTS[0]
+        prompts = SUBSET_PROMPTS if self.order == "subset" else PROMPTS
+        return rng.choice(prompts) if self.paraphrase else prompts[0]
 
     def _answer(self, keys: list[tuple[str, str, int, int]], split: str, index: int) -> str:
         if self.order == "reading":
             return format_answer(keys)
+        if self.order == "subset":
+            chosen = _rng_for(self.seed, self.grid, "subset", split, int(index)).sample(range(len(keys)), SUBSET_SIZE)
+            return format_answer([keys[i] for i in sorted(chosen)])
         keys = list(keys)
         _rng_for(self.seed, self.grid, "order", split, int(index)).shuffle(keys)  # own stream: images unchanged
         return format_answer(keys, reading_order=False)
@@ -597,22 +614,52 @@ def _normalise(text: str) -> str:
     return re.sub(r"[.\s]+$", "", t)
 
 
-def exact_match(pred: str, ref: str, ordered: bool = True) -> bool:
-    """Normalised string match (case, whitespace, ``;`` vs ``,`` and the final period are ignored);
-    ``ordered=False`` compares the parsed objects as multisets (answers of ``order="random"`` tasks).
+def exact_match(pred: str, ref: str, order: str = "reading") -> bool:
+    """Is ``pred`` a right answer?  ``order`` is the task's (:class:`ShapesTask`):
+
+    * ``"reading"``: normalised string match (case, whitespace, ``;`` vs ``,`` and the final period are
+      ignored);
+    * ``"random"``: the parsed objects are equal as multisets;
+    * ``"subset"``: ``ref`` is the image's *whole* layout and ``pred`` must be a valid subset answer
+      (:func:`valid_subset`).
 
     Example:
         >>> exact_match("Red circle 1 2 ,  blue cross 3 3", "red circle 1 2, blue cross 3 3.")
         True
         >>> exact_match("red circle 1 2.", "red circle 1 3.")
         False
-        >>> exact_match("blue cross 3 3, red circle 1 2.", "red circle 1 2, blue cross 3 3.", ordered=False)
+        >>> exact_match("blue cross 3 3, red circle 1 2.", "red circle 1 2, blue cross 3 3.", order="random")
         True
     """
-    if ordered:
+    if order not in ANSWER_ORDERS:
+        raise ValueError(f"exact_match: order must be one of {ANSWER_ORDERS}, got {order!r}")
+    if order == "reading":
         return _normalise(pred) == _normalise(ref)
+    if order == "subset":
+        return valid_subset(pred, ref)
     p, r = parse_answer(pred), parse_answer(ref)
     return p is not None and r is not None and Counter(p) == Counter(r)
+
+
+def valid_subset(pred: str, layout: Union[str, Sequence[Sequence]], size: int = SUBSET_SIZE) -> bool:
+    """Is ``pred`` a right answer to an ``order="subset"`` question about an image with this ``layout``:
+    exactly ``size`` well-formed objects, each one of the image's, no repeats, in reading order?
+
+    Example:
+        >>> layout = "red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1."
+        >>> valid_subset("red circle 1 1, green square 2 2, red cross 3 1.", layout)
+        True
+        >>> valid_subset("green square 2 2, red circle 1 1, red cross 3 1.", layout)  # not in reading order
+        False
+        >>> valid_subset("red circle 1 1, blue square 1 2, red cross 3 1.", layout)  # no blue square
+        False
+    """
+    objects = parse_answer(pred)
+    cells = _parse_chunks(layout) if isinstance(layout, str) else [tuple(o) for o in layout]
+    if objects is None or len(objects) != size or any(c is None for c in cells):
+        return False
+    positions = [(o[2], o[3]) for o in objects]
+    return set(objects) <= set(cells) and all(a < b for a, b in zip(positions, positions[1:]))
 
 
 def field_accuracy(pred: Union[str, Sequence[Sequence]], ref: Union[str, Sequence[Sequence]]) -> float:
@@ -639,9 +686,11 @@ def field_accuracy(pred: Union[str, Sequence[Sequence]], ref: Union[str, Sequenc
     return sum(hits.values()) / denom
 
 
-def score(preds: Sequence[str], refs: Sequence[str], ordered: bool = True) -> dict[str, float]:
+def score(preds: Sequence[str], refs: Sequence[str], order: str = "reading") -> dict[str, float]:
     """Mean exact match, mean field accuracy, parse rate and count over paired predictions and references
-    (``ordered=False``: exact match ignores the order of the objects, see :func:`exact_match`).
+    (``order``: the task's, see :func:`exact_match`).  For ``order="subset"`` each reference is the image's
+    whole layout and field accuracy is the share of the :data:`SUBSET_SIZE` asked-for objects (or of the
+    predicted items, if more) that are distinct objects of the image.
 
     Example:
         >>> refs = ["red circle 1 1, blue cross 1 2.", "green square 2 2."]
@@ -653,10 +702,19 @@ def score(preds: Sequence[str], refs: Sequence[str], ordered: bool = True) -> di
     n = len(refs)
     if n == 0:
         return {"exact_match": 0.0, "field_accuracy": 0.0, "parsed": 0.0, "n": 0}
-    em = sum(exact_match(p, r, ordered) for p, r in zip(preds, refs)) / n
-    fa = sum(field_accuracy(p, r) for p, r in zip(preds, refs)) / n
+    em = sum(exact_match(p, r, order) for p, r in zip(preds, refs)) / n
+    if order == "subset":
+        fa = sum(_subset_field_accuracy(p, r) for p, r in zip(preds, refs)) / n
+    else:
+        fa = sum(field_accuracy(p, r) for p, r in zip(preds, refs)) / n
     parsed = sum(parse_answer(p) is not None for p in preds) / n
     return {"exact_match": em, "field_accuracy": fa, "parsed": parsed, "n": n}
+
+
+def _subset_field_accuracy(pred: str, layout: str, size: int = SUBSET_SIZE) -> float:
+    chunks = _parse_chunks(pred)
+    hits = set(c for c in chunks if c is not None) & set(_parse_chunks(layout))
+    return len(hits) / max(size, len(chunks))
 
 
 # ----------------------------------------------------------------------------------------------------------

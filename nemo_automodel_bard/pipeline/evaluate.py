@@ -18,7 +18,8 @@ import torch
 
 @dataclass
 class EvalRecord:
-    """One held-out item: the prompt messages (without the answer) and the reference answer."""
+    """One held-out item: the prompt messages (without the answer) and the reference answer (for the
+    shapes task's ``order="subset"``: the image's whole layout, which a right answer draws from)."""
 
     messages: list[dict[str, Any]]
     reference: str
@@ -51,9 +52,16 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     if kind == "shapes":
         from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 
-        dataset = shapes_dataset(split="heldout", size=num_samples, seed=int(data_cfg.get("seed", 0)),
-                                 order=str(data_cfg.get("order", "reading")))
-        return records_from_chat(dataset[i] for i in range(len(dataset)))
+        order = str(data_cfg.get("order", "reading"))
+        dataset = shapes_dataset(split="heldout", size=num_samples, seed=int(data_cfg.get("seed", 0)), order=order)
+        records = records_from_chat(dataset[i] for i in range(len(dataset)))
+        if order == "subset":  # many subsets are right: score against the image's whole layout
+            from nemo_automodel_bard.data.shapes import ShapesTask, format_answer
+
+            task = ShapesTask(seed=int(data_cfg.get("seed", 0)))
+            for i, record in enumerate(records):
+                record.reference = format_answer(task.layout("heldout", i))
+        return records
     path = data_cfg.get("eval_path")
     if not path:
         raise ValueError("data.eval_path is required to evaluate on chat-format data (held-out JSONL records)")
@@ -63,11 +71,11 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     return records_from_chat(dataset[i] for i in range(len(dataset)))
 
 
-def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], ordered: bool = True) -> dict[str, float]:
+def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], order: str = "reading") -> dict[str, float]:
     if data_kind == "shapes":
         from nemo_automodel_bard.data.shapes import score
 
-        result = score(list(predictions), list(references), ordered=ordered)
+        result = score(list(predictions), list(references), order=order)
         return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"])}
     matches = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
     return {"accuracy": sum(matches) / max(len(matches), 1)}
@@ -112,7 +120,7 @@ def evaluate_model(
     records: Sequence[EvalRecord],
     *,
     data_kind: str = "shapes",
-    ordered: bool = True,
+    order: str = "reading",
     mode: str = "diffusion",
     block_size: int | None = None,
     threshold: float = 0.9,
@@ -125,7 +133,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Decode every record and score it.
 
-    ``ordered=False`` scores shapes answers without regard to the order of their objects. ``device``:
+    ``order``: the shapes task's answer order (:func:`nemo_automodel_bard.data.shapes.exact_match`). ``device``:
     ``"auto"`` (the first CUDA device when there is one, else the CPU) or any ``torch.device`` string.
 
     Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``tokens_per_forward``
@@ -168,7 +176,7 @@ def evaluate_model(
         tokens += int(stats["num_response_tokens"])
         sample_forwards += int(sum(stats["forwards_per_sample"]))
         batch_forwards += int(stats["forwards_total"]) * len(chunk)
-    result: dict[str, Any] = _score(data_kind, predictions, [r.reference for r in records], ordered)
+    result: dict[str, Any] = _score(data_kind, predictions, [r.reference for r in records], order)
     result.update(
         n=len(records),
         mode=mode,

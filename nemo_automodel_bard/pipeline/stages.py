@@ -337,7 +337,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                 wants_trajectory = name == final_name and threshold == thresholds[0]
                 result = evaluate_model(
                     model_dir, records, data_kind=ctx.cfg["data"]["kind"], mode="ar" if block is None else "diffusion",
-                    ordered=ctx.cfg["data"].get("order", "reading") != "random",
+                    order=str(ctx.cfg["data"].get("order", "reading")),
                     block_size=block, threshold=threshold if threshold is not None else 0.9,
                     remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
                     batch_size=int(section["batch_size"]), max_new_tokens=int(section["max_new_tokens"]),

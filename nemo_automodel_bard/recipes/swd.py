@@ -99,7 +99,7 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
         cache = self.teacher_cache_path
         if cache is not None and (not isinstance(cache, str) or not cache):
             raise RecipeConfigError(f"bard.teacher_cache must be a directory path or null, got {cache!r}")
-        if cache is None:
+        if cache is None and self._swd("kd_weight") != 0:  # a control (kd_weight 0) needs no teacher
             try:
                 check_model_path(self.cfg.get("teacher_model.pretrained_model_name_or_path", None),
                                  key="teacher_model.pretrained_model_name_or_path (the small-block anchor)")
@@ -133,10 +133,15 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
 
     def setup(self) -> None:
         """PBM setup for the student, then the frozen teacher (same tokenizer checked first), or the
-        teacher cache (``bard.teacher_cache``), checked against this run's settings."""
+        teacher cache (``bard.teacher_cache``), checked against this run's settings. With
+        ``bard.kd_weight=0`` (a no-KD control) no teacher is loaded or run."""
         super().setup()
         self.teacher_model = None
         self.teacher_cache = None
+        if self._swd("kd_weight") == 0:
+            if self.dist_env.is_main:
+                logger.info("SWD: kd_weight is 0 (a no-KD control): no teacher is loaded")
+            return
         if self.teacher_cache_path is not None:
             self._open_teacher_cache()
             return
@@ -256,7 +261,8 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
     def _export_metadata(self) -> dict:
         return {
             **super()._export_metadata(),
-            "teacher": str(self.teacher_cache.meta.get("teacher", self.teacher_cache.path) if self.teacher_cache
-                           else self.cfg.get("teacher_model.pretrained_model_name_or_path")),
+            "teacher": (None if self._swd("kd_weight") == 0 else
+                        str(self.teacher_cache.meta.get("teacher", self.teacher_cache.path) if self.teacher_cache
+                            else self.cfg.get("teacher_model.pretrained_model_name_or_path"))),
             **{k: self._swd(k) for k in SWD_DEFAULTS},
         }
