@@ -342,8 +342,9 @@ def test_subset_answers(task):
     for i in range(40):
         a, b = subset.sample("train", i), task.sample("train", i)
         assert a.image.tobytes() == b.image.tobytes() and a.objects == b.objects  # same images
-        assert a.prompt in SUBSET_PROMPTS and str(SUBSET_SIZE) in a.prompt
-        listed = parse_answer(a.answer)
+        assert a.prompt in SUBSET_PROMPTS and str(SUBSET_SIZE) in a.prompt and "row column color shape" in a.prompt
+        assert a.answer[0].isdigit()  # cell first
+        listed = parse_answer(a.answer, cell_first=True)
         assert len(listed) == SUBSET_SIZE and set(listed) <= set(a.objects)
         assert listed == sorted(listed, key=lambda o: (o[2], o[3]))  # reading order
         assert valid_subset(a.answer, b.answer) and exact_match(a.answer, b.answer, order="subset")
@@ -355,14 +356,15 @@ def test_subset_answers(task):
 @pytest.mark.parametrize(
     "pred, valid",
     [
-        ("red circle 1 1, green square 2 2, red cross 3 1.", True),
-        ("Red circle 1 1 ; blue cross 1 2, red cross 3 1", True),     # normalised like exact match
-        ("green square 2 2, red circle 1 1, red cross 3 1.", False),  # not in reading order
-        ("red circle 1 1, red circle 1 1, red cross 3 1.", False),    # a repeat
-        ("red circle 1 1, blue square 1 2, red cross 3 1.", False),   # no blue square in the image
-        ("red circle 1 1, red cross 3 1.", False),                    # too few
-        ("red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1.", False),  # too many
-        ("red circle 1 1, blue cross one two, red cross 3 1.", False),  # malformed
+        ("1 1 red circle, 2 2 green square, 3 1 red cross.", True),
+        ("1 1 Red circle ; 1 2 blue cross,3 1 red cross", True),      # case, separators, final period
+        ("2 2 green square, 1 1 red circle, 3 1 red cross.", False),  # not in reading order
+        ("1 1 red circle, 1 1 red circle, 3 1 red cross.", False),    # a repeat
+        ("1 1 red circle, 1 2 blue square, 3 1 red cross.", False),   # no blue square in the image
+        ("1 1 red circle, 3 1 red cross.", False),                    # too few
+        ("1 1 red circle, 1 2 blue cross, 2 2 green square, 3 1 red cross.", False),  # too many
+        ("1 1 red circle, one two blue cross, 3 1 red cross.", False),  # malformed
+        ("red circle 1 1, green square 2 2, red cross 3 1.", False),  # not cell first
         ("", False),
     ],
 )
@@ -376,11 +378,12 @@ def test_valid_subset_table(pred, valid):
 
 def test_subset_score():
     layout = "red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1."
-    preds = ["red circle 1 1, blue cross 1 2, red cross 3 1.",   # right
-             "red circle 1 1, blue square 1 2, red cross 3 1.",  # 2 of 3 objects are the image's
-             "green square 2 2, red circle 1 1."]                 # out of order, 2 of the 3 asked for
+    preds = ["1 1 red circle, 1 2 blue cross, 3 1 red cross.",   # right
+             "1 1 red circle, 1 2 blue square, 3 1 red cross.",  # 2 of 3 objects are the image's
+             "2 2 green square, 1 1 red circle."]                 # out of order, 2 of the 3 asked for
     result = score(preds, [layout] * 3, order="subset")
     assert result["exact_match"] == pytest.approx(1 / 3)
     assert result["field_accuracy"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert result["parsed"] == 1.0
     with pytest.raises(ValueError, match="order must be one of"):
         exact_match("a", "b", order="sorted")

@@ -108,9 +108,12 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 ANSWER_ORDERS: tuple[str, ...] = ("reading", "random", "subset")
 #: Objects named by an ``order="subset"`` answer.
 SUBSET_SIZE = 3
-#: Prompts of ``order="subset"`` samples (paraphrases of one question, as :data:`PROMPTS`).
-SUBSET_PROMPTS: tuple[str, ...] = tuple(p.replace("every shape", f"{SUBSET_SIZE} shapes").replace(
-    "each shape", f"{SUBSET_SIZE} shapes") for p in PROMPTS)
+#: Prompts of ``order="subset"`` samples (paraphrases of one question, as :data:`PROMPTS`). Their answers
+#: name each object's cell first (``"<row> <col> <color> <shape>"``): the choice of object is then the
+#: cell, and colour and shape are looked up there, as in the reading-order task.
+SUBSET_PROMPTS: tuple[str, ...] = tuple(
+    p.replace("every shape", f"{SUBSET_SIZE} shapes").replace("each shape", f"{SUBSET_SIZE} shapes")
+    .replace("color shape row column", "row column color shape") for p in PROMPTS)
 
 MIN_OBJECTS = 4
 MAX_OBJECTS = 9
@@ -211,19 +214,23 @@ class ShapesSample:
         }
 
 
-def format_answer(objects: Iterable[Sequence], reading_order: bool = True) -> str:
+def format_answer(objects: Iterable[Sequence], reading_order: bool = True, cell_first: bool = False) -> str:
     """Format ``(color, shape, row, col)`` objects as the reference answer (sorted into reading order,
-    or in the given order with ``reading_order=False``).
+    or in the given order with ``reading_order=False``); ``cell_first`` writes each as ``row col color shape``.
 
     Example:
         >>> format_answer([("blue", "cross", 2, 1), ("red", "circle", 1, 3)])
         'red circle 1 3, blue cross 2 1.'
         >>> format_answer([("blue", "cross", 2, 1), ("red", "circle", 1, 3)], reading_order=False)
         'blue cross 2 1, red circle 1 3.'
+        >>> format_answer([("blue", "cross", 2, 1)], cell_first=True)
+        '2 1 blue cross.'
     """
     objs = [(str(c), str(s), int(r), int(k)) for c, s, r, k in objects]
     if reading_order:
         objs.sort(key=lambda o: (o[2], o[3]))
+    if cell_first:
+        return ", ".join(f"{r} {k} {c} {s}" for c, s, r, k in objs) + "."
     return ", ".join(f"{c} {s} {r} {k}" for c, s, r, k in objs) + "."
 
 
@@ -404,7 +411,7 @@ class ShapesTask:
             return format_answer(keys)
         if self.order == "subset":
             chosen = _rng_for(self.seed, self.grid, "subset", split, int(index)).sample(range(len(keys)), SUBSET_SIZE)
-            return format_answer([keys[i] for i in sorted(chosen)])
+            return format_answer([keys[i] for i in sorted(chosen)], cell_first=True)
         keys = list(keys)
         _rng_for(self.seed, self.grid, "order", split, int(index)).shuffle(keys)  # own stream: images unchanged
         return format_answer(keys, reading_order=False)
@@ -562,8 +569,9 @@ def cell_labels(objects: Iterable[Sequence[Any]], grid: int = 3) -> tuple[list[i
 _SEP_RE = re.compile(r"[,;\n]")
 
 
-def _parse_chunks(text: str) -> list[Union[tuple[str, str, int, int], None]]:
-    """Split an answer into per-object chunks; each is a parsed tuple or None when malformed."""
+def _parse_chunks(text: str, cell_first: bool = False) -> list[Union[tuple[str, str, int, int], None]]:
+    """Split an answer into per-object chunks; each is a parsed ``(color, shape, row, col)`` tuple or None
+    when malformed (``cell_first``: items are written ``row col color shape``)."""
     body = text.strip().lower()
     body = re.sub(r"[.\s]+$", "", body)  # trailing period(s)
     if not body:
@@ -573,6 +581,8 @@ def _parse_chunks(text: str) -> list[Union[tuple[str, str, int, int], None]]:
         words = part.split()
         if not words:
             continue
+        if cell_first and len(words) == 4:
+            words = words[2:] + words[:2]
         if (
             len(words) == 4
             and words[0] in COLOR_RGB
@@ -588,8 +598,9 @@ def _parse_chunks(text: str) -> list[Union[tuple[str, str, int, int], None]]:
     return chunks
 
 
-def parse_answer(text: str) -> Union[list[tuple[str, str, int, int]], None]:
-    """Parse ``"color shape row col, ..."`` into a list of tuples; None if empty or any item is malformed.
+def parse_answer(text: str, cell_first: bool = False) -> Union[list[tuple[str, str, int, int]], None]:
+    """Parse ``"color shape row col, ..."`` (``cell_first``: ``"row col color shape, ..."``) into a list of
+    ``(color, shape, row, col)`` tuples; None if empty or any item is malformed.
 
     Case and extra whitespace are ignored, ``;`` or newlines also separate items, the final period is optional.
 
@@ -598,10 +609,12 @@ def parse_answer(text: str) -> Union[list[tuple[str, str, int, int]], None]:
         [('red', 'circle', 1, 2), ('blue', 'cross', 3, 3)]
         >>> parse_answer("red circle one two.") is None
         True
+        >>> parse_answer("1 2 red circle.", cell_first=True)
+        [('red', 'circle', 1, 2)]
     """
     if not isinstance(text, str):
         return None
-    chunks = _parse_chunks(text)
+    chunks = _parse_chunks(text, cell_first)
     if not chunks or any(c is None for c in chunks):
         return None
     return chunks  # type: ignore[return-value]
@@ -642,19 +655,20 @@ def exact_match(pred: str, ref: str, order: str = "reading") -> bool:
 
 
 def valid_subset(pred: str, layout: Union[str, Sequence[Sequence]], size: int = SUBSET_SIZE) -> bool:
-    """Is ``pred`` a right answer to an ``order="subset"`` question about an image with this ``layout``:
-    exactly ``size`` well-formed objects, each one of the image's, no repeats, in reading order?
+    """Is ``pred`` a right answer to an ``order="subset"`` question about an image with this ``layout``
+    (``"color shape row col, ..."``, as :func:`format_answer`): exactly ``size`` well-formed objects written
+    cell first (``"row col color shape"``), each one of the image's, no repeats, in reading order?
 
     Example:
         >>> layout = "red circle 1 1, blue cross 1 2, green square 2 2, red cross 3 1."
-        >>> valid_subset("red circle 1 1, green square 2 2, red cross 3 1.", layout)
+        >>> valid_subset("1 1 red circle, 2 2 green square, 3 1 red cross.", layout)
         True
-        >>> valid_subset("green square 2 2, red circle 1 1, red cross 3 1.", layout)  # not in reading order
+        >>> valid_subset("2 2 green square, 1 1 red circle, 3 1 red cross.", layout)  # not in reading order
         False
-        >>> valid_subset("red circle 1 1, blue square 1 2, red cross 3 1.", layout)  # no blue square
+        >>> valid_subset("1 1 red circle, 1 2 blue square, 3 1 red cross.", layout)  # no blue square
         False
     """
-    objects = parse_answer(pred)
+    objects = parse_answer(pred, cell_first=True)
     cells = _parse_chunks(layout) if isinstance(layout, str) else [tuple(o) for o in layout]
     if objects is None or len(objects) != size or any(c is None for c in cells):
         return False
@@ -707,12 +721,12 @@ def score(preds: Sequence[str], refs: Sequence[str], order: str = "reading") -> 
         fa = sum(_subset_field_accuracy(p, r) for p, r in zip(preds, refs)) / n
     else:
         fa = sum(field_accuracy(p, r) for p, r in zip(preds, refs)) / n
-    parsed = sum(parse_answer(p) is not None for p in preds) / n
+    parsed = sum(parse_answer(p, cell_first=order == "subset") is not None for p in preds) / n
     return {"exact_match": em, "field_accuracy": fa, "parsed": parsed, "n": n}
 
 
 def _subset_field_accuracy(pred: str, layout: str, size: int = SUBSET_SIZE) -> float:
-    chunks = _parse_chunks(pred)
+    chunks = _parse_chunks(pred, cell_first=True)
     hits = set(c for c in chunks if c is not None) & set(_parse_chunks(layout))
     return len(hits) / max(size, len(chunks))
 
