@@ -9,7 +9,8 @@ the whole chain, the evaluation and the report finish inside ``--budget`` second
 
 Chain: AR init -> PBM B=2 -> 4 -> student B -> (anchor: B=4 trained further) -> SWD student with KD and
 its control without -> evaluation on held-out images -> report. ``--ar`` skips the AR pre-training
-(else the pipeline's ``ar_pretrain`` stage runs first, outside the sizing). The plan is written to
+(else the pipeline's ``ar_pretrain`` stage runs first: its steps are not sized, but its time counts
+against the budget). ``--order``: the shapes task's answer order (``subset``: see docs/shapes_task.md). The plan is written to
 ``<work_dir>/plan.json``; the results are the pipeline's (``report.md``, ``eval/*.json``).
 
 On a GPU the tiny model's step is bound by the host (collation with the Hugging Face processor, one

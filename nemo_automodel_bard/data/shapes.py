@@ -295,8 +295,9 @@ class ShapesTask:
             to a model that has not seen the earlier items -- the case where a small-block teacher's extra
             context carries information that the gold token alone does not (see docs/swd.md).
             ``"subset"`` asks for :data:`SUBSET_SIZE` shapes (:data:`SUBSET_PROMPTS`) and answers with a
-            subset drawn per sample, in reading order: every token is uncertain given the image (which
-            objects?), but a valid answer only needs "later in reading order than the previous one".
+            subset drawn per sample, in reading order, each object written cell first (``"1 3 red
+            cross"``): every token is uncertain given the image (which objects?), but a valid answer only
+            needs "later in reading order than the previous one".
             Score it with :func:`valid_subset` against the image's full layout. Images are the same
             in every order.
 
