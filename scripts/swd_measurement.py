@@ -10,8 +10,9 @@ the whole chain, the evaluation and the report finish inside ``--budget`` second
 Chain: AR init -> PBM B=2 -> 4 -> student B -> (anchor: B=4 trained further) -> SWD student with KD and
 its control without -> evaluation on held-out images -> report. ``--ar`` skips the AR pre-training
 (else the pipeline's ``ar_pretrain`` stage runs first: its steps are not sized, but its time counts
-against the budget). ``--order``: the shapes task's answer order (``subset``: see docs/shapes_task.md). The plan is written to
-``<work_dir>/plan.json``; the results are the pipeline's (``report.md``, ``eval/*.json``).
+against the budget). ``--order``: the shapes task's answer order (``subset``: see docs/shapes_task.md).
+The plan is written to ``<work_dir>/plan.json``; the results are the pipeline's (``report.md``,
+``eval/*.json``).
 
 On a GPU the tiny model's step is bound by the host (collation with the Hugging Face processor, one
 sample at a time): give the data loader worker processes (``--workers``), which collate exactly as the
@@ -29,6 +30,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from nemo_automodel_bard.data.shapes import ANSWER_ORDERS
 
 #: share of the training steps per stage; ``swd`` is each of the two SWD runs (KD and control), and the
 #: anchor gets the most, so that it is stronger than the student
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, required=True, help="wall-clock seconds for everything")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/swd-measurement"))
     parser.add_argument("--ar", type=Path, default=None, help="AR Qwen3-VL export to start from (skips ar_pretrain)")
-    parser.add_argument("--order", choices=("reading", "random", "subset"), default="reading")
+    parser.add_argument("--order", choices=ANSWER_ORDERS, default="reading")
     parser.add_argument("--student", type=int, default=16, help="student block size (the anchor's is 4)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, max((os.cpu_count() or 1) - 2, 0) // 2),

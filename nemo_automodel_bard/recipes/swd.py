@@ -90,6 +90,11 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
         return self.cfg.get(f"bard.{key}", SWD_DEFAULTS[key])
 
     @property
+    def is_control(self) -> bool:
+        """``bard.kd_weight`` is 0: a no-KD control run, which needs, loads and runs no teacher."""
+        return self._swd("kd_weight") == 0
+
+    @property
     def teacher_cache_path(self) -> Any:
         """``bard.teacher_cache``: a directory of precomputed teacher top-k (offline teacher), or None."""
         return self.cfg.get("bard.teacher_cache", None)
@@ -99,7 +104,7 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
         cache = self.teacher_cache_path
         if cache is not None and (not isinstance(cache, str) or not cache):
             raise RecipeConfigError(f"bard.teacher_cache must be a directory path or null, got {cache!r}")
-        if cache is None and self._swd("kd_weight") != 0:  # a control (kd_weight 0) needs no teacher
+        if cache is None and not self.is_control:
             try:
                 check_model_path(self.cfg.get("teacher_model.pretrained_model_name_or_path", None),
                                  key="teacher_model.pretrained_model_name_or_path (the small-block anchor)")
@@ -138,7 +143,7 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
         super().setup()
         self.teacher_model = None
         self.teacher_cache = None
-        if self._swd("kd_weight") == 0:
+        if self.is_control:
             if self.dist_env.is_main:
                 logger.info("SWD: kd_weight is 0 (a no-KD control): no teacher is loaded")
             return
@@ -261,7 +266,7 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
     def _export_metadata(self) -> dict:
         return {
             **super()._export_metadata(),
-            "teacher": (None if self._swd("kd_weight") == 0 else
+            "teacher": (None if self.is_control else
                         str(self.teacher_cache.meta.get("teacher", self.teacher_cache.path) if self.teacher_cache
                             else self.cfg.get("teacher_model.pretrained_model_name_or_path"))),
             **{k: self._swd(k) for k in SWD_DEFAULTS},

@@ -147,10 +147,12 @@ def swd_training_loss(
         return loss, {"loss": zero, "ce": zero, "kd": zero, "accuracy": zero, "teacher_accuracy": zero,
                       "agreement": zero, "num_loss_tokens": 0, "num_kd_tokens": 0, "num_samples": 0}
     offline = teacher_topk_values is not None or teacher_topk_ids is not None
-    if teacher is None and not offline and kd_weight == 0:  # a control run: nothing to distil, no teacher
-        kd_index = positions.new_zeros(0)
-    else:
-        kd_index = kd_loss_rows(batch, kd_at_block_padding).to(device)
+    no_teacher = teacher is None and not offline
+    if no_teacher and kd_weight != 0:
+        raise ValueError("swd_training_loss needs a teacher model or its cached top-k (teacher_topk_values / _ids) "
+                         f"when kd_weight is not 0 (got {kd_weight})")
+    # a control run (kd_weight 0, no teacher) has nothing to distil
+    kd_index = positions.new_zeros(0) if no_teacher else kd_loss_rows(batch, kd_at_block_padding).to(device)
     taught = kd_index.numel() > 0  # False when every loss position is block padding, or in a control run
     if offline and (teacher_topk_values is None or teacher_topk_ids is None
                     or teacher_topk_values.shape[0] != kd_index.numel() or teacher_topk_ids.shape != teacher_topk_values.shape):
@@ -159,9 +161,6 @@ def swd_training_loss(
             f"{None if teacher_topk_values is None else tuple(teacher_topk_values.shape)} and ids "
             f"{None if teacher_topk_ids is None else tuple(teacher_topk_ids.shape)}"
         )
-    if not offline and teacher is None and kd_weight != 0:
-        raise ValueError("swd_training_loss needs a teacher model or its cached top-k (teacher_topk_values / _ids) "
-                         f"when kd_weight is not 0 (got {kd_weight})")
     inputs = row_inputs(batch, device)
     if taught and offline:
         t_values, t_ids = teacher_topk_values.float(), teacher_topk_ids.long()
