@@ -20,18 +20,16 @@ def register_configs() -> None:
 
 def register() -> None:
     """Register config, model, processor and NeMo architecture."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     from .modeling_bard_vl import BardVLForConditionalGeneration, BardVLTextModel
+    from .processing_bard_vl import BardVLProcessor
 
     register_configs()
     # Qwen3VLModel builds its text tower with AutoModel.from_config(text_config).
     AutoModel.register(BardVLTextConfig, BardVLTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(BardVLConfig, BardVLForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(BardVLConfig, Qwen3VLProcessor, exist_ok=True)
+    AutoProcessor.register(BardVLConfig, BardVLProcessor, exist_ok=True)
 
     from nemo_automodel._transformers.registry import register_architecture
 

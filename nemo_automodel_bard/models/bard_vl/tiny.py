@@ -96,9 +96,14 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
 
 
 def build_tiny_processor(tokenizer=None, image_size: int = 96, with_video: bool = True):
-    """Qwen3-VL processor for the tiny model: patch 16, merge 2 (one LLM token per 32x32 pixels)."""
+    """Bard-VL (Qwen3-VL) processor for the tiny model: patch 16, merge 2 (one LLM token per 32x32 pixels).
+
+    A :class:`~.processing_bard_vl.BardVLProcessor`, so the saved ``processor_config.json`` names
+    ``processor_class: BardVLProcessor`` and ``AutoProcessor`` loads our class.
+    """
     from transformers import Qwen2VLImageProcessor
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    from .processing_bard_vl import BardVLProcessor
 
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     size = {"shortest_edge": 32 * 32, "longest_edge": max(image_size, 256) ** 2}
@@ -125,7 +130,7 @@ def build_tiny_processor(tokenizer=None, image_size: int = 96, with_video: bool 
             )
         except (ImportError, OSError):  # torchvision missing: image-only processor
             video_processor = None
-    return Qwen3VLProcessor(
+    return BardVLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
