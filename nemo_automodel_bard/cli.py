@@ -2,6 +2,8 @@
 
 * ``bard-vl tiny OUT_DIR [--seed N] [--block-size B]`` — write a tiny random Bard-VL directory.
 * ``bard-vl demo OUT_DIR`` — write one and run the model-card code on it (image and video).
+* ``bard-vl aggregate RUN_DIR [RUN_DIR ...] [--out DIR]`` — mean and spread over runs (seeds) of every
+  model and threshold (a sweep directory stands for all its runs).
 * ``bard-vl [hydra overrides...]`` — the Hydra pipeline chaining all stages (when installed).
 """
 
@@ -35,6 +37,22 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _aggregate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bard-vl aggregate",
+                                     description="Aggregate pipeline runs (e.g. seeds): mean and spread per model.")
+    parser.add_argument("runs", nargs="+", type=Path, help="run output directories, or a sweep directory")
+    parser.add_argument("--out", type=Path, default=None, help="where aggregate.md goes (default: the first path)")
+    args = parser.parse_args(argv)
+    from nemo_automodel_bard.pipeline.aggregate import write_aggregate
+
+    try:
+        write_aggregate(args.runs, args.out or args.runs[0])
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bard-vl aggregate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bard-vl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -42,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tiny(argv[1:])
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "aggregate":
+        return _aggregate(argv[1:])
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
         return 0

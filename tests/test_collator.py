@@ -336,3 +336,37 @@ def test_block_padding_flag_marks_targets_after_the_response(tiny_processor, rec
         offsets = batch["loss_positions"][own] - row * L - int((tt == int(TokenType.NOISY)).nonzero()[0])
         assert torch.equal(is_pad[own], offsets >= true_len)
         assert (batch["loss_targets"][own][is_pad[own]] == im_end).all()
+
+
+def test_max_loss_weight_caps_the_elbo_weight_and_nothing_else(tiny_processor, records):
+    """Same noise and targets; weights equal min(1/t, cap) (x pad_weight at block padding)."""
+    base = BardVLCollator(processor=tiny_processor, block_size=2, seed=3)(records)
+    capped = BardVLCollator(processor=tiny_processor, block_size=2, seed=3, max_loss_weight=1.5)(records)
+    for key in ("input_ids", "loss_positions", "loss_targets", "noise_levels"):
+        assert torch.equal(base[key], capped[key]), key
+    pad = base["loss_is_block_pad"]
+    unpadded = torch.where(pad, base["loss_weights"] / 0.5, base["loss_weights"])
+    want = torch.where(pad, unpadded.clamp(max=1.5) * 0.5, unpadded.clamp(max=1.5))
+    torch.testing.assert_close(capped["loss_weights"], want)
+    assert bool((unpadded > 1.5).any())  # the cap did something on these records
+    with pytest.raises(ValueError, match="max_loss_weight"):
+        BardVLCollator(processor=tiny_processor, block_size=2, max_loss_weight=0)
+
+
+def test_shapes_dataset_offset_reads_fresh_samples_and_seeds_noise_by_task_index():
+    """offset k: record i is task sample k + i (the same image and answer), and its index (which seeds
+    the noise) is k + i; disjoint offsets share nothing."""
+    plain = ShapesChatDataset(split="train", size=8, seed=0)
+    assert len(ShapesChatDataset(split="train", size=4, offset=10**9)) == 4
+    shifted = ShapesChatDataset(split="train", size=4, seed=0, offset=4)
+    for i in range(4):
+        a, b = plain[4 + i], shifted[i]
+        assert b["index"] == 4 + i
+        assert a["messages"][1] == b["messages"][1]
+        assert a["messages"][0]["content"][0]["image"].tobytes() == b["messages"][0]["content"][0]["image"].tobytes()
+    far = ShapesChatDataset(split="train", size=4, seed=0, offset=10**12)
+    assert [json.dumps(far[i]["messages"][1]) for i in range(4)] != [json.dumps(plain[i]["messages"][1]) for i in range(4)]
+    with pytest.raises(IndexError):
+        shifted[4]
+    with pytest.raises(ValueError, match="offset"):
+        ShapesChatDataset(split="train", size=4, offset=-1)

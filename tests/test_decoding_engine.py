@@ -366,3 +366,69 @@ def test_block_diffusion_generate_is_the_model_generate(model, toy):
     b = block_diffusion_generate(model, examples[0].inputs, max_new_tokens=32, block_size=4, denoising_steps=4,
                                  confidence_threshold=0.9)
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ end-of-answer exit
+def test_eos_exit_gives_the_same_tokens_with_fewer_forwards(model, toy):
+    """A block ends for a sample once it holds a committed EOS with everything before it committed: the
+    output equals decoding every position of the block (eos_exit=False), the forwards never grow, the
+    statistics equal the forwards counted, and with an EOS early in a block they shrink."""
+    _, processor, examples = toy
+    eos = model.config.eos_token_id
+    saved = 0
+    settings = [(b, rule, thr, steps) for b in (4, 8, 16)
+                for rule, thr, steps in (("low_confidence_dynamic", 0.9, None), ("low_confidence_dynamic", 0.5, None),
+                                         ("low_confidence_static", 0.9, None), ("low_confidence_dynamic", 0.9, 2))]
+    batch = batch_examples(processor, [examples[1], examples[0], examples[2]])
+    for forced_at in (None, 5, 9):
+        for block_size, rule, threshold, steps in settings:
+            model.__dict__.pop("forward", None)
+            if forced_at is not None:
+                start = _response_start(model, examples[1].inputs)  # sample 0 of the batch: EOS forced there
+                _boost(model, lambda b, pos, tok, at=start + forced_at: (eos, 50.0) if b == 0 and pos == at else None)
+            kwargs = dict(max_new_tokens=48, block_size=block_size, denoising_steps=steps or block_size,
+                          remasking_strategy=rule, confidence_threshold=threshold, return_step_stats=True)
+            calls = _count_forwards(model)
+            full, full_stats = model.generate(batch, eos_exit=False, **kwargs)
+            calls.clear()
+            fast, fast_stats = model.generate(batch, **kwargs)
+            label = (forced_at, block_size, rule, threshold, steps)
+            assert torch.equal(fast, full), label
+            assert fast_stats["forwards_total"] == len(calls), label
+            assert fast_stats["forwards_total"] <= full_stats["forwards_total"], label
+            per_fast, per_full = fast_stats["forwards_per_sample"], full_stats["forwards_per_sample"]
+            assert all(a <= b for a, b in zip(per_fast, per_full)), label
+            assert fast_stats["response_tokens_per_sample"] == full_stats["response_tokens_per_sample"], label
+            saved += sum(per_full) - sum(per_fast)
+    model.__dict__.pop("forward", None)
+    assert saved > 0
+
+
+def test_eos_exit_on_a_single_sample_stops_the_block(model, toy):
+    """An EOS committed at the second position of a block with the first committed: with ``eos_exit``
+    the block takes fewer denoising steps than one that also decodes the positions after the EOS."""
+    _, _, examples = toy
+    eos = model.config.eos_token_id
+    example = examples[1]
+    start = _response_start(model, example.inputs)
+    # EOS at offset 1 of block 1 (B=8); every later position gets flat logits (confidence 1/V: one commit a step)
+    original = model.forward
+
+    def forced(*args, **kwargs):
+        out = original(*args, **kwargs)
+        rows = kwargs.get("logits_positions")
+        if rows is not None and rows.numel():
+            positions = kwargs["position_ids"][0].reshape(-1)[rows]
+            out.logits[positions == start + 9, eos] += 50.0
+            out.logits[positions > start + 9] = 0.0
+        return out
+
+    model.forward = forced
+    kwargs = dict(max_new_tokens=32, block_size=8, denoising_steps=8, confidence_threshold=0.9, return_step_stats=True)
+    full, full_stats = model.generate(example.inputs, eos_exit=False, **kwargs)
+    fast, fast_stats = model.generate(example.inputs, **kwargs)
+    model.__dict__.pop("forward", None)
+    assert torch.equal(fast, full) and fast[0, -1].item() == eos and fast.shape[1] == 10
+    assert fast_stats["block_step_counts"][0] == full_stats["block_step_counts"][0]
+    assert fast_stats["block_step_counts"][1] < full_stats["block_step_counts"][1]
+    assert fast_stats["forwards_total"] < full_stats["forwards_total"]

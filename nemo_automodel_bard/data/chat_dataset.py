@@ -204,29 +204,41 @@ class ShapesChatDataset:
     """
 
     def __init__(self, split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3,
-                 order: str = "reading") -> None:
+                 order: str = "reading", offset: int = 0) -> None:
         from .shapes import ShapesDataset, ShapesTask
 
-        self.split, self.size, self.seed, self.order = split, int(size), int(seed), order
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"ShapesChatDataset: offset must be a non-negative int, got {offset!r}")
+        self.split, self.size, self.seed, self.order, self.offset = split, int(size), int(seed), order, offset
         task = ShapesTask(seed=seed, image_size=image_size, grid=grid, order=order)
-        self._inner = ShapesDataset(task, split, self.size)
+        self._inner = ShapesDataset(task, split, self.offset + self.size)
 
     def __len__(self) -> int:
-        return len(self._inner)
+        return self.size
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += len(self)
-        record = self._inner[index]
-        return {"messages": record["messages"], "index": int(index)}
+        if not 0 <= index < self.size:
+            raise IndexError(f"ShapesChatDataset({self.split!r}): index {index} out of range for size {self.size}")
+        task_index = self.offset + index
+        record = self._inner[task_index]
+        # the task index (not the position) seeds the noise: another offset is other data and other noise
+        return {"messages": record["messages"], "index": int(task_index)}
 
     def __repr__(self) -> str:
         order = "" if self.order == "reading" else f", order={self.order!r}"
-        return f"ShapesChatDataset(split={self.split!r}, size={self.size}, seed={self.seed}{order})"
+        offset = f", offset={self.offset}" if self.offset else ""
+        return f"ShapesChatDataset(split={self.split!r}, size={self.size}, seed={self.seed}{order}{offset})"
 
 
 def shapes_dataset(
-    split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3, order: str = "reading"
+    split: str = "train", size: int = 1000, seed: int = 0, image_size: int = 96, grid: int = 3, order: str = "reading",
+    offset: int = 0,
 ) -> ShapesChatDataset:
-    """Factory for :class:`ShapesChatDataset` (``_target_``-friendly); ``order``: see :class:`ShapesTask`."""
-    return ShapesChatDataset(split=split, size=size, seed=seed, image_size=image_size, grid=grid, order=order)
+    """Factory for :class:`ShapesChatDataset` (``_target_``-friendly); ``order``: see :class:`ShapesTask`.
+
+    ``offset``: the dataset is the task's samples ``offset .. offset + size - 1`` of ``split`` (the task is
+    procedural, so disjoint offsets give fresh images; the pipeline gives every stage and run seed its own)."""
+    return ShapesChatDataset(split=split, size=size, seed=seed, image_size=image_size, grid=grid, order=order,
+                             offset=offset)

@@ -273,6 +273,9 @@ class BardVLCollator:
             samples never attend to each other (separate doc ids) and keep their own block numbering.
         loss_reduction: stored in the batch as ``loss_reduction`` (see ``diffusion_ce_loss``).
         pad_weight: loss weight factor at block-padding targets (0.5 as published).
+        max_loss_weight: cap of the per-block ELBO weight ``1/t`` (``None``: uncapped, as published). With
+            levels down to 1e-3 one token can weigh 1000x another and hold half a batch's loss; a cap such
+            as 10 trades the exact ELBO for a lower-variance gradient.
         substitution_vocab_limit: random substitution draws ids below this (default: the smallest
             added/special token id of the tokenizer, e.g. 151643 for Qwen3-VL); special ids are excluded.
         pad_to_multiple_of: round the row length up to a multiple of this (e.g. 128 for FlexAttention).
@@ -307,6 +310,7 @@ class BardVLCollator:
         *,
         processor_path: Optional[str] = None,
         pad_weight: float = 0.5,
+        max_loss_weight: Optional[float] = None,
         substitution_vocab_limit: Optional[int] = None,
         pad_to_multiple_of: int = 1,
     ) -> None:
@@ -330,6 +334,8 @@ class BardVLCollator:
             raise ValueError("pack=True needs max_length (the packed row length)")
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"unknown loss_reduction {loss_reduction!r}; valid: {', '.join(REDUCTIONS)}")
+        if max_loss_weight is not None and not (isinstance(max_loss_weight, (int, float)) and max_loss_weight > 0):
+            raise ValueError(f"max_loss_weight must be a positive number or None, got {max_loss_weight!r}")
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
 
@@ -348,6 +354,7 @@ class BardVLCollator:
         self.pack = bool(pack)
         self.loss_reduction = loss_reduction
         self.pad_weight = float(pad_weight)
+        self.max_loss_weight = None if max_loss_weight is None else float(max_loss_weight)
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.epoch = 0
         self._counter = 0
@@ -559,6 +566,8 @@ class BardVLCollator:
         N = R // B
 
         levels, block_weights = sample_block_levels(N, generator, self.schedule)
+        if self.max_loss_weight is not None:
+            block_weights = block_weights.clamp(max=self.max_loss_weight)
         noisy, corrupted = corrupt_response(
             clean, B, levels, self.noise_mode, self.mask_token_id, self.substitution_ids, generator
         )

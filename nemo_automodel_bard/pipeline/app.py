@@ -7,6 +7,7 @@ running the same command again skips finished stages and resumes an interrupted 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .environment import environment, pin_threads
 from .manifest import Manifest
 from .stages import STAGE_ORDER, STAGES, Context
 from .validate import PipelineConfigError, validate_config
@@ -45,8 +47,13 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None
     recorded = {name[len("stage:"):] for name, e in manifest.entries.items()
                 if name.startswith("stage:") and e.get("status") == "done"}
     validate_config(plain, REPO_ROOT, recorded)
+    # numerics are part of what a run is: set, not inherited (stage fingerprints record them)
+    pin_threads(plain.get("threads"))
     ctx = Context(cfg=plain, work_dir=work_dir, output_dir=Path(output_dir or work_dir), repo_root=REPO_ROOT,
                   manifest=manifest)
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    env = {**environment(), "seed": ctx.seed, "data_seed": plain.get("data", {}).get("seed")}
+    (ctx.output_dir / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
     for name in STAGE_ORDER:
         if name in plain["stages"]:
             outputs = STAGES[name](ctx)

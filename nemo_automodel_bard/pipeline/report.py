@@ -14,8 +14,8 @@ from typing import Any
 
 TARGETS_TEXT = {
     "ar_accuracy": "AR model held-out accuracy >= 95%",
-    "b32": "B=32 within 2 points of AR at threshold 0.9 with >= 6 tokens/forward",
-    "b16": "B=16 within 2 points of AR at threshold 0.9 with >= 5 tokens/forward",
+    "b32": "B=32 within 1 point of AR at threshold 0.9 with >= 10 tokens/forward",
+    "b16": "B=16 within 1 point of AR at threshold 0.9 with >= 6.5 tokens/forward",
     "swd": "SWD students beat same-step students without KD",
     "time": "whole pipeline <= 20 minutes (sum of the recorded stage times)",
 }
@@ -66,13 +66,13 @@ def check_targets(results: list[dict[str, Any]], default_threshold: float) -> li
     ar = _find(results, "ar", None)
     if ar is not None:
         out.append((TARGETS_TEXT["ar_accuracy"], f"{100 * ar['accuracy']:.1f}%", ar["accuracy"] >= 0.95))
-    for block, minimum in ((32, 6.0), (16, 5.0)):
+    for block, minimum in ((32, 10.0), (16, 6.5)):
         candidates = [r for r in results if r.get("block_size") == block and r.get("threshold") == default_threshold
                       and r.get("mode") != "ar"]
         if not candidates or ar is None:
             continue
         best = max(candidates, key=lambda r: (r["accuracy"], r["tokens_per_forward"]))
-        met = best["accuracy"] >= ar["accuracy"] - 0.02 and best["tokens_per_forward"] >= minimum
+        met = best["accuracy"] >= ar["accuracy"] - 0.01 - 1e-9 and best["tokens_per_forward"] >= minimum
         out.append((TARGETS_TEXT[f"b{block}"], f"{best['name']}: {100 * best['accuracy']:.1f}% "
                     f"(AR {100 * ar['accuracy']:.1f}%), {best['tokens_per_forward']:.2f} tokens/forward", met))
     for r in results:
@@ -180,7 +180,10 @@ def write_report(ctx: Any) -> dict[str, Any]:
     table = _table(results)
     targets = check_targets(results, default_threshold)
     plots = _plots(ctx, results, out_dir)
-    seconds = {k: v.get("seconds") for k, v in ctx.manifest.entries.items() if isinstance(v, dict) and "seconds" in v}
+    # this run's stages (evaluations of other output directories, e.g. other sweep jobs, excluded)
+    own_eval = f"evaluate:{ctx.output_dir}:"
+    seconds = {k: v.get("seconds") for k, v in ctx.manifest.entries.items() if isinstance(v, dict) and "seconds" in v
+               and (not k.startswith("evaluate:") or k.startswith(own_eval))}
     total = sum(v for v in seconds.values() if v)
     if total:
         targets.append((TARGETS_TEXT["time"], f"{total / 60:.1f} min", total <= PIPELINE_SECONDS_TARGET))
@@ -204,6 +207,15 @@ def write_report(ctx: Any) -> dict[str, Any]:
         lines.append("* (no results to check)")
     lines += ["", "## Stage wall time (s)", ""]
     lines += [f"* {name}: {value:.1f}" for name, value in sorted(seconds.items()) if value]
+    env_path = out_dir / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    if env:
+        lines += ["", "## Environment", "", "Results depend on these at the last digits (and the tiny pipeline "
+                  "amplifies that); every stage fingerprint covers the numerics and our code.", ""]
+        lines += [f"* {k}: {v}" for k, v in sorted(env.items())]
+    summary = {"seed": int(ctx.cfg.get("seed", 0) or 0), "seconds_total": total,
+               "targets": [{"target": t, "measured": m, "met": met} for t, m, met in targets], "environment": env}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .environment import (
+    EVALUATION_CODE,
+    STREAM_STRIDE,
+    TRAINING_CODE,
+    code_digest,
+    derive_seed,
+    file_digest,
+    numerics,
+    stream_offset,
+)
 from .launch import run_recipe
 from .manifest import Manifest, fingerprint
 
@@ -32,6 +42,14 @@ class Context:
     repo_root: Path
     manifest: Manifest
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: training streams used so far in this run: first task index -> stream name
+    streams: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        """The run seed: drives initialisation, data order, training images and noise of every stage
+        (the held-out set depends only on ``data.seed``)."""
+        return int(self.cfg.get("seed", 0) or 0)
 
     @property
     def recipe_dir(self) -> Path:
@@ -51,9 +69,8 @@ def _shapes_order(data: dict[str, Any], section: str) -> dict[str, Any]:
 
 def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, Any]:
     data = cfg["data"]
-    if data["kind"] == "shapes":
-        return {f"{section}.seed": data.get("seed", 0), f"{section}.size": data.get("train_size", 4096),
-                **_shapes_order(data, section)}
+    if data["kind"] == "shapes":  # size and offset: per stream (_stream_overrides)
+        return {f"{section}.seed": data.get("seed", 0), **_shapes_order(data, section)}
     overrides = {
         f"{section}._target_": "nemo_automodel_bard.data.factory.make_dataset",
         f"{section}.kind": "jsonl",
@@ -103,18 +120,75 @@ def _batch_overrides(yaml_path: Path, world: int, given: dict[str, Any]) -> dict
     return {}
 
 
-def _full_overrides(ctx: Context, yaml_path: Path, overrides: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A stage's overrides plus the data, validation and batch-size ones every run gets."""
-    full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg), **(extra or {})}
+def _recipe_value(yaml_path: Path, given: dict[str, Any], dotted: str) -> Any:
+    """``given[dotted]`` if set, else the recipe YAML's value of the dotted key (or ``None``)."""
+    if dotted in given:
+        return given[dotted]
+    import yaml
+
+    node: Any = yaml.safe_load(yaml_path.read_text()) or {}
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _claim_stream(ctx: Context, stream: str) -> int:
+    """The first task index of ``stream`` in this run; refuses two streams that would share images."""
+    offset = stream_offset(ctx.seed, stream)
+    owner = ctx.streams.setdefault(offset, stream)
+    if owner != stream:  # pragma: no cover - a 1-in-a-million hash collision of two stream names
+        raise ValueError(f"training streams {owner!r} and {stream!r} map to the same data range; rename one")
+    return offset
+
+
+def _stream_overrides(ctx: Context, stream: str, yaml_path: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """Seeds and training data of one stream (a stage, or an SWD student and its control, which share one
+    so that their comparison is paired): the sampler and noise seeds derive from the run seed and the
+    stream, and on the shapes task every stream reads its own fresh images -- as many as it consumes
+    (``data.train_size: auto``), so no stage repeats an epoch and no two stages or seeds share an image."""
+    out: dict[str, Any] = {"seed": derive_seed(ctx.seed, stream)}
+    collate = str(_recipe_value(yaml_path, given, "dataloader.collate_fn._target_") or "")
+    if collate.endswith("bard_collate_fn"):  # the diffusion noise (the AR collator draws nothing)
+        out["dataloader.collate_fn.seed"] = derive_seed(ctx.seed, f"noise/{stream}")
+    data = ctx.cfg["data"]
+    if data["kind"] == "shapes":
+        size = data.get("train_size", "auto")
+        if size in (None, "auto"):
+            steps = int(_recipe_value(yaml_path, given, "step_scheduler.max_steps") or 0)
+            batch = int(_recipe_value(yaml_path, given, "step_scheduler.global_batch_size") or 0)
+            size = max(steps * batch, 1)
+        size = int(size)
+        if size > STREAM_STRIDE:
+            raise ValueError(f"data.train_size={size} exceeds the {STREAM_STRIDE} samples of a training stream")
+        out.update({"dataset.offset": _claim_stream(ctx, stream), "dataset.size": size})
+    return out
+
+
+def _full_overrides(ctx: Context, yaml_path: Path, overrides: dict[str, Any], extra: dict[str, Any],
+                    stream: str) -> dict[str, Any]:
+    """A stage's overrides plus the data, seed, validation and batch-size ones every run gets (the
+    stage's ``overrides`` section, ``extra``, wins)."""
+    full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg)}
+    full.update(_stream_overrides(ctx, stream, yaml_path, {**full, **(extra or {})}))
+    full.update(extra or {})
     full.update(_batch_overrides(yaml_path, _world_size(ctx.launcher), full))
     return full
 
 
-def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}``."""
+def _training_fingerprint(ctx: Context, yaml_path: Path, full: dict[str, Any]) -> str:
+    """What produced a trained stage: the recipe (path and content), every override, the launcher, our
+    training code, and the numerics (thread count, CPU kernels, library versions)."""
+    return fingerprint({"recipe": str(yaml_path), "recipe_digest": file_digest(yaml_path), "overrides": full,
+                        "launcher": ctx.launcher, "code": code_digest(TRAINING_CODE), "numerics": numerics()})
+
+
+def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any],
+           stream: str | None = None) -> dict[str, Any]:
+    """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}``.
+    ``stream`` names the seeds and data the run uses (default: ``name``)."""
     yaml_path = ctx.recipe_dir / recipe
-    full = _full_overrides(ctx, yaml_path, overrides, extra)
-    key = fingerprint({"recipe": str(yaml_path), "overrides": full, "launcher": ctx.launcher})
+    full = _full_overrides(ctx, yaml_path, overrides, extra, stream or name)
+    key = _training_fingerprint(ctx, yaml_path, full)
     stage_id = f"{name}"
     done = ctx.manifest.finished(stage_id, key)
     if done is not None:
@@ -140,11 +214,14 @@ def stage_ar_pretrain(ctx: Context) -> dict[str, Any]:
     if model.get("init"):
         return {"model_path": model["init"], "pretrained": True}
     section = ctx.cfg["ar_pretrain"]
-    overrides: dict[str, Any] = {"step_scheduler.max_steps": section["max_steps"]}
+    overrides: dict[str, Any] = {"step_scheduler.max_steps": section["max_steps"],
+                                 "model.init_seed": derive_seed(ctx.seed, "init")}
     warmup_steps = int(section.get("vision_warmup_steps") or 0)
     if ctx.cfg["data"]["kind"] == "shapes" and warmup_steps > 0:
         overrides["model.vision_warmup.steps"] = warmup_steps
         overrides["model.vision_warmup.data_seed"] = ctx.cfg["data"].get("seed", 0)
+        overrides["model.vision_warmup.seed"] = derive_seed(ctx.seed, "vision_warmup")
+        overrides["model.vision_warmup.data_offset"] = _claim_stream(ctx, "vision_warmup")
     else:  # the warm-up uses the shapes task's per-cell labels; other data start from a random tower
         overrides["model.vision_warmup"] = None
     out = _train(ctx, "ar_pretrain", section["recipe"], overrides, section.get("overrides") or {})
@@ -157,7 +234,7 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
 
     source = ctx.outputs["ar_pretrain"]["model_path"]
     section = ctx.cfg["ar_init"]
-    key = fingerprint({"source": source, **section})
+    key = fingerprint({"source": source, **section, "code": code_digest(TRAINING_CODE), "numerics": numerics()})
     done = ctx.manifest.finished("ar_init", key)
     if done is not None:
         return done
@@ -172,6 +249,7 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
 
 
 def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: str) -> dict[str, Any]:
+    """One PBM run (also the SWD anchor's extra steps); its seeds and data are the stream ``name``."""
     section = ctx.cfg["pbm"]
     recipe = section["recipe"].format(block_size=block)
     overrides = {
@@ -213,7 +291,8 @@ def stage_pbm(ctx: Context) -> dict[str, Any]:
 _LOSS_ONLY_KEYS = ("bard.ce_weight", "bard.kd_weight", "bard.kd_direction", "bard.kd_temperature")
 
 
-def _teacher_cache(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any]) -> str:
+def _teacher_cache(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any],
+                   stream: str) -> str:
     """Build (or find) the offline teacher cache of one SWD run; return its directory."""
     from nemo_automodel_bard.recipes.common import load_recipe_config
     from nemo_automodel_bard.recipes.swd_cache import build_cache_from_config
@@ -221,8 +300,8 @@ def _teacher_cache(ctx: Context, name: str, recipe: str, overrides: dict[str, An
     from .launch import format_overrides
 
     yaml_path = ctx.recipe_dir / recipe
-    full = _full_overrides(ctx, yaml_path, overrides, extra)
-    key = fingerprint({"recipe": str(yaml_path), "overrides": {k: v for k, v in full.items() if k not in _LOSS_ONLY_KEYS}})
+    full = _full_overrides(ctx, yaml_path, overrides, extra, stream)
+    key = _training_fingerprint(ctx, yaml_path, {k: v for k, v in full.items() if k not in _LOSS_ONLY_KEYS})
     done = ctx.manifest.finished(name, key)
     if done is not None:
         return done["cache_dir"]
@@ -288,9 +367,12 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                 overrides["bard.kd_at_block_padding"] = bool(section.get("kd_at_block_padding", False))
                 if section.get("teacher_cache", False):  # offline teacher: its top-k computed once per student
                     overrides["bard.teacher_cache"] = _teacher_cache(
-                        ctx, f"swd_teacher_b{student}", section["recipe"], overrides, section.get("overrides") or {})
+                        ctx, f"swd_teacher_b{student}", section["recipe"], overrides, section.get("overrides") or {},
+                        stream=f"swd_b{student}")
                     result[f"teacher_cache_b{student}"] = overrides["bard.teacher_cache"]
-            out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {})
+            # the student and its control share one stream: same images, order and noise (a paired comparison)
+            out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {},
+                         stream=f"swd_b{student}")
             result[f"{label}_b{student}_dir"] = out["model_dir"]
             result[f"{label}_b{student}_log"] = out["log_dir"]
         if section["anchor"] == "previous":
@@ -329,7 +411,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             path = results_dir / f"{tag}.json"
             # the device changes how fast, not what is decoded (up to float rounding): not in the key
             settings = {k: v for k, v in section.items() if k != "device"}
-            key = fingerprint({"model": model_dir, "threshold": threshold, **settings, "data": ctx.cfg["data"]})
+            key = fingerprint({"model": model_dir, "threshold": threshold, **settings, "data": ctx.cfg["data"],
+                               "code": code_digest(EVALUATION_CODE), "numerics": numerics()})
             done = ctx.manifest.finished(f"evaluate:{ctx.output_dir}:{tag}", key)
             if done is None:
                 print(f"[bard-vl] evaluate {tag} on {len(records)} held-out samples", flush=True)

@@ -76,8 +76,19 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         if swd["direction"] not in ("forward", "reverse"):
             raise PipelineConfigError(f"swd.direction must be 'forward' or 'reverse', got {swd['direction']!r}")
 
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PipelineConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    threads = cfg.get("threads")
+    if threads is not None:
+        _positive_int(threads, "threads")
+
     if cfg["data"].get("kind") == "shapes":
         from nemo_automodel_bard.data.shapes import ANSWER_ORDERS
+
+        size = cfg["data"].get("train_size", "auto")
+        if size not in (None, "auto"):
+            _positive_int(size, "data.train_size")
 
         if cfg["data"].get("order", "reading") not in ANSWER_ORDERS:
             raise PipelineConfigError(f"data.order must be one of {ANSWER_ORDERS}, got {cfg['data'].get('order')!r}")

@@ -60,6 +60,7 @@ def warm_up_vision_tower(
     warmup_steps: int = 20,
     seed: int = 0,
     data_seed: int = 0,
+    data_offset: int = 0,
     image_size: int = 96,
     grid: int = 3,
     eval_samples: int = 64,
@@ -72,6 +73,7 @@ def warm_up_vision_tower(
         processor: its processor (only the image processor is used).
         steps, lr, batch_size, warmup_steps: AdamW (betas 0.9/0.95) with a linear warm-up, then constant.
         seed: initialisation of the throw-away head. data_seed, image_size, grid: the shapes task.
+        data_offset: the first training image's task index (images ``data_offset ..`` are used).
         eval_samples: held-out images scored at the end.
 
     Returns:
@@ -108,7 +110,7 @@ def warm_up_vision_tower(
     started = time.perf_counter()
     loss = torch.zeros(())
     for step in range(steps):
-        inputs, colors, shapes = _cell_batch(task, processor, "train", step * batch_size, batch_size)
+        inputs, colors, shapes = _cell_batch(task, processor, "train", data_offset + step * batch_size, batch_size)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(warmup_steps, 1))
         z = logits(inputs)
@@ -143,7 +145,8 @@ def warmup_from_config(model: torch.nn.Module, processor: Any, config: Optional[
     """Run :func:`warm_up_vision_tower` with the keyword arguments of a YAML ``vision_warmup:`` mapping."""
     if not config:
         return None
-    allowed = {"steps", "lr", "batch_size", "warmup_steps", "seed", "data_seed", "image_size", "grid", "eval_samples"}
+    allowed = {"steps", "lr", "batch_size", "warmup_steps", "seed", "data_seed", "data_offset", "image_size", "grid",
+               "eval_samples"}
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise VisionWarmupError(f"model.vision_warmup: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")

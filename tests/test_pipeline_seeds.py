@@ -1,0 +1,214 @@
+"""Run seeds, fresh data per stage, fingerprints that cover code and numerics, aggregation over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import nemo_automodel_bard.pipeline.stages as stages
+from nemo_automodel_bard.pipeline.aggregate import AggregateRuns, aggregate, find_runs, load_run, write_aggregate
+from nemo_automodel_bard.pipeline.app import REPO_ROOT, config_dir, run_pipeline
+from nemo_automodel_bard.pipeline.environment import (
+    STREAM_STRIDE,
+    code_digest,
+    derive_seed,
+    environment,
+    pin_threads,
+    stream_offset,
+)
+from nemo_automodel_bard.pipeline.manifest import Manifest
+
+
+def _cfg(tmp_path: Path, overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", *overrides])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    return plain
+
+
+def _ctx(tmp_path: Path, overrides: list[str]) -> stages.Context:
+    return stages.Context(cfg=_cfg(tmp_path, overrides), work_dir=tmp_path, output_dir=tmp_path,
+                          repo_root=REPO_ROOT, manifest=Manifest(tmp_path))
+
+
+def test_default_config_pins_threads_and_names_the_seed_in_the_work_dir():
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=["seed=2"])
+    assert cfg.threads == 2 and cfg.work_dir == "runs/tiny-shapes/seed2" and cfg.data.train_size == "auto"
+
+
+def test_streams_get_their_own_seeds_and_fresh_images(tmp_path):
+    ctx = _ctx(tmp_path, ["ar_pretrain.max_steps=50"])
+    recipe = ctx.recipe_dir / "pbm_b4.yaml"
+    a = stages._full_overrides(ctx, recipe, {"step_scheduler.max_steps": 30}, {}, "pbm_b4")
+    b = stages._full_overrides(ctx, recipe, {"step_scheduler.max_steps": 30}, {}, "pbm_b8")
+    assert a["dataset.size"] == 30 * 32  # as many images as the stage consumes: no epoch is repeated
+    assert a["dataset.offset"] == stream_offset(0, "pbm_b4") and b["dataset.offset"] == stream_offset(0, "pbm_b8")
+    assert abs(a["dataset.offset"] - b["dataset.offset"]) >= STREAM_STRIDE  # disjoint image ranges
+    assert a["seed"] != b["seed"] and a["dataloader.collate_fn.seed"] != b["dataloader.collate_fn.seed"]
+    assert a["seed"] == derive_seed(0, "pbm_b4")
+
+    other = _ctx(tmp_path, ["seed=1"])
+    c = stages._full_overrides(other, recipe, {"step_scheduler.max_steps": 30}, {}, "pbm_b4")
+    assert c["dataset.offset"] != a["dataset.offset"] and c["seed"] != a["seed"]
+    # the held-out set and the task do not depend on the run seed
+    held = {k: v for k, v in a.items() if k.startswith("validation_dataset.") or k == "dataset.seed"}
+    assert held == {k: v for k, v in c.items() if k.startswith("validation_dataset.") or k == "dataset.seed"}
+    # a stage's own overrides win; a fixed pool keeps its size
+    d = stages._full_overrides(_ctx(tmp_path, ["data.train_size=100"]), recipe, {}, {"seed": 7}, "pbm_b4")
+    assert d["seed"] == 7 and d["dataset.size"] == 100
+
+
+def test_ar_stage_seeds_initialisation_and_vision_warmup(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(ctx, name, recipe, overrides, extra, stream=None):
+        seen[ctx.seed] = overrides
+        return {"model_dir": "x", "log_dir": "y"}
+
+    monkeypatch.setattr(stages, "_train", fake)
+    for seed in (0, 1):
+        stages.stage_ar_pretrain(_ctx(tmp_path, [f"seed={seed}"]))
+    assert seen[0]["model.init_seed"] != seen[1]["model.init_seed"]
+    assert seen[0]["model.vision_warmup.seed"] != seen[1]["model.vision_warmup.seed"]
+    assert seen[0]["model.vision_warmup.data_offset"] != seen[1]["model.vision_warmup.data_offset"]
+    assert seen[0]["model.vision_warmup.data_seed"] == seen[1]["model.vision_warmup.data_seed"] == 0
+
+
+def test_swd_student_and_control_see_the_same_stream(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_training(yaml_path, overrides, launcher, log_file):
+        runs.append(dict(overrides))
+        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    ctx = _ctx(tmp_path, ["swd.student_block_sizes=[16]", "swd.anchor_extra_steps=5"])
+    ctx.outputs["pbm"] = {"b4_dir": str(tmp_path / "b4"), "b16_dir": str(tmp_path / "b16")}
+    stages.stage_swd(ctx)
+    anchor, kd, control = runs
+    assert kd["bard.kd_weight"] > 0 and control["bard.kd_weight"] == 0
+    for key in ("seed", "dataloader.collate_fn.seed", "dataset.offset", "dataset.size"):
+        assert kd[key] == control[key], key  # paired: same images, order and noise
+        assert anchor[key] != kd[key], key  # the anchor's extra steps read other images
+
+
+def test_training_fingerprint_covers_code_recipe_and_numerics(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path, [])
+    recipe = ctx.recipe_dir / "pbm_b4.yaml"
+    full = stages._full_overrides(ctx, recipe, {}, {}, "pbm_b4")
+    key = stages._training_fingerprint(ctx, recipe, full)
+    assert stages._training_fingerprint(ctx, recipe, full) == key
+    monkeypatch.setattr(stages, "code_digest", lambda parts: "changed-code")
+    assert stages._training_fingerprint(ctx, recipe, full) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(stages, "numerics", lambda: {"threads": 99})
+    assert stages._training_fingerprint(ctx, recipe, full) != key
+    monkeypatch.undo()
+    assert stages._training_fingerprint(ctx, recipe, {**full, "seed": full["seed"] + 1}) != key
+
+
+def test_recipe_content_is_part_of_the_fingerprint(tmp_path):
+    ctx = _ctx(tmp_path, [])
+    recipe = ctx.recipe_dir / "pbm_b4.yaml"
+    full = stages._full_overrides(ctx, recipe, {}, {}, "pbm_b4")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.read_text())
+    before = stages._training_fingerprint(ctx, path, full)
+    path.write_text(recipe.read_text().replace("lr: 5.0e-4", "lr: 4.0e-4"))
+    assert stages._training_fingerprint(ctx, path, full) != before
+
+
+def test_code_digest_and_environment():
+    assert code_digest(("diffusion",)) == code_digest(("diffusion",)) != code_digest(("data",))
+    env = environment()
+    for key in ("threads", "cpu_capability", "torch", "transformers", "nemo_automodel", "PIL", "commit",
+                "training_code", "evaluation_code"):
+        assert key in env, key
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert pin_threads(1) == 1 and torch.get_num_threads() == 1
+        assert pin_threads(None) is None and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads"):
+            pin_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_seed_and_threads_fail_before_any_work(tmp_path):
+    from nemo_automodel_bard.pipeline.validate import PipelineConfigError
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        for override, message in (("seed=-1", "seed must be a non-negative integer"),
+                                  ("threads=0", "threads must be a positive integer"),
+                                  ("data.train_size=0", "data.train_size must be a positive integer")):
+            cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", override])
+            with pytest.raises(PipelineConfigError, match=message):
+                run_pipeline(cfg)
+
+
+def _fake_run(root: Path, seed: int, ar: float, b32: tuple[float, float], extra: list[str] = (), minutes=15.0):
+    run = root / f"seed={seed}"
+    (run / "eval").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in [f"seed={seed}", *extra]))
+    (run / "summary.json").write_text(json.dumps({"seed": seed, "seconds_total": minutes * 60}))
+    (run / "eval" / "ar.json").write_text(json.dumps(
+        {"name": "ar", "mode": "ar", "threshold": None, "block_size": None, "accuracy": ar, "tokens_per_forward": 1.0}))
+    (run / "eval" / "pbm_b32@0.9.json").write_text(json.dumps(
+        {"name": "pbm_b32", "mode": "diffusion", "threshold": 0.9, "block_size": 32, "accuracy": b32[0],
+         "tokens_per_forward": b32[1], "trajectory": {"big": [1] * 10}}))
+    return run
+
+
+def test_aggregate_over_seeds_means_spreads_and_targets(tmp_path):
+    sweep = tmp_path / "multirun"
+    _fake_run(sweep, 0, 0.96, (0.96, 11.0))
+    _fake_run(sweep, 1, 0.98, (0.97, 12.0))
+    _fake_run(sweep, 2, 0.97, (0.95, 10.0), minutes=21.0)
+    runs = [load_run(p) for p in find_runs([sweep])]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and {r["group"] for r in runs} == {""}
+    (group,) = aggregate(runs).values()
+    rows = {r["name"]: r for r in group["table"]}
+    assert rows["ar"]["accuracy"]["mean"] == pytest.approx(0.97)
+    assert rows["ar"]["accuracy"]["spread"] == pytest.approx(0.02)
+    assert rows["pbm_b32"]["tokens_per_forward"]["mean"] == pytest.approx(11.0)
+    targets = {text.split(" ")[0] + text.split(" ")[1]: met for text, _, met in group["targets"]}
+    assert targets["eachrun"] is False  # one run took 21 minutes
+    assert targets["ARparent"] is True  # 97 % mean, spread 2 points
+    assert targets["bestB=32"] is True  # 96 % >= 97 - 1 at 11 tokens/forward, spread 2
+
+    report = write_aggregate([sweep], sweep)
+    text = report.read_text()
+    assert "| pbm_b32 | 32 | 0.9 | 3 | 96.0 |" in text and "96.0, 97.0, 95.0" in text
+    assert json.loads((sweep / "aggregate.json").read_text())
+
+
+def test_aggregate_groups_by_the_other_overrides_and_the_hydra_callback(tmp_path):
+    sweep = tmp_path / "multirun"
+    for seed in (0, 1):
+        for cap in ("10", "100"):
+            _fake_run(sweep / cap, seed, 0.9, (0.9, 10.0), extra=[f"pbm.cap={cap}"])
+    runs = [load_run(p) for p in find_runs([sweep / "10", sweep / "100"])]
+    assert set(aggregate(runs)) == {"pbm.cap=10", "pbm.cap=100"}
+    AggregateRuns().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep / "10")}}}))
+    assert (sweep / "10" / "aggregate.md").exists()
+
+
+def test_cli_aggregate(tmp_path, capsys):
+    from nemo_automodel_bard.cli import main
+
+    _fake_run(tmp_path / "s", 0, 0.9, (0.9, 10.0))
+    assert main(["aggregate", str(tmp_path / "s"), "--out", str(tmp_path / "agg")]) == 0
+    assert (tmp_path / "agg" / "aggregate.md").exists()
+    assert main(["aggregate", str(tmp_path / "nothing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
