@@ -21,10 +21,11 @@ QWEN3_VL_MASK_TOKEN_ID = 151671
 #: ``<|im_end|>`` in the Qwen3-VL vocabulary: EOS and the block-padding token.
 QWEN3_VL_EOS_TOKEN_ID = 151645
 
-#: Decoding defaults written to ``generation_config.json`` when a config has none.
+#: The published ``generate`` defaults: what a checkpoint decodes with when neither the caller, a Bard
+#: generation config nor ``config.json`` says otherwise (greedy unless sampling is asked for).
 DEFAULT_DECODING = {
-    "block_size": 32,
-    "denoising_steps": 32,
+    "block_size": 4,
+    "denoising_steps": 4,
     "remasking_strategy": "low_confidence_dynamic",
     "confidence_threshold": 0.9,
 }
@@ -46,7 +47,8 @@ class BardVLConfig(Qwen3VLConfig):
 
     Args:
         mask_token_id: vocabulary row used as MASK (151671 for the Qwen3-VL vocabulary).
-        block_size: the block size the checkpoint was trained with; decoding defaults to it.
+        block_size: the block size the checkpoint was trained with; decoding defaults to it. Published
+            configs do not store it: they get 4, the published ``generate`` default.
         pad_block_token_id: token that right-pads a response to a multiple of the block size
             (``<|im_end|>``, 151645, in the Qwen3-VL vocabulary); ``None`` means ``eos_token_id``.
         legacy_clean_sees_noisy: whether training let clean queries see noisy keys (the published
@@ -57,7 +59,7 @@ class BardVLConfig(Qwen3VLConfig):
     sub_configs = {"vision_config": Qwen3VLVisionConfig, "text_config": BardVLTextConfig}
 
     mask_token_id: int = QWEN3_VL_MASK_TOKEN_ID
-    block_size: int = 32
+    block_size: int = DEFAULT_DECODING["block_size"]
     pad_block_token_id: int | None = None
     legacy_clean_sees_noisy: bool = False
 

@@ -366,19 +366,24 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def generate(self, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
-        """Parallel block-wise decoding with the published signature.
+        """Parallel block-wise decoding with the published signature and the Hugging Face forms.
 
         ``model.generate(batch, max_new_tokens=1024, block_size=16, denoising_steps=16,
         temperature=0.0, top_k=0, top_p=1.0, remasking_strategy="low_confidence_dynamic",
         confidence_threshold=0.5, return_step_stats=False)`` where ``batch`` is the processor's
-        output. Omitted arguments come from ``self.generation_config``. Returns the generated ids
-        ``[batch, new_tokens]`` (EOS-trimmed, right-padded with the EOS/pad id), or
-        ``(ids, stats)`` with ``return_step_stats=True``. See
+        output; ``model.generate(**batch, generation_config=..., do_sample=..., streamer=...,
+        return_dict_in_generate=True)`` works too. Omitted arguments come from the generation config
+        (a Bard one, or only its non-sampling fields), then ``config.json``, then the published
+        defaults (block 4, 4 steps, threshold 0.9, greedy). Returns the generated ids
+        ``[batch, new_tokens]`` (EOS-trimmed, right-padded with the EOS/pad id), ``(ids, stats)`` with
+        ``return_step_stats=True``, or a :class:`~.generation_bard_vl.BardVLGenerateOutput` with
+        ``return_dict_in_generate=True``. Beam search, several sequences per prompt and logits
+        processors are refused with a message naming the option. See
+        :mod:`nemo_automodel_bard.models.bard_vl.generation_bard_vl` and
         :func:`nemo_automodel_bard.decoding.block_diffusion_generate` for every option.
         """
-        from nemo_automodel_bard.decoding import block_diffusion_generate
+        from .generation_bard_vl import bard_generate
 
-        return block_diffusion_generate(self, inputs, *args, **kwargs)
-
+        return bard_generate(self, inputs, *args, **kwargs)
 
 __all__ = ["BardVLForConditionalGeneration", "BardVLTextModel", "FLEX_ATTENTION_NAME", "LinearPatchEmbed", "use_linear_patch_embed", "bidirectional_padding_mask", "check_attention_inputs"]
