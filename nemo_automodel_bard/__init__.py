@@ -13,8 +13,9 @@ _install_alias()
 from .models.bard_vl import (  # noqa: E402 - the alias must exist first
     BardVLConfig,
     BardVLForConditionalGeneration,
+    BardVLProcessor,
     BardVLTextConfig,
 )
 
 __version__ = "0.1.0"
-__all__ = ["BardVLConfig", "BardVLForConditionalGeneration", "BardVLTextConfig", "__version__"]
+__all__ = ["BardVLConfig", "BardVLForConditionalGeneration", "BardVLProcessor", "BardVLTextConfig", "__version__"]

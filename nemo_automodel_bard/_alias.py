@@ -1,5 +1,25 @@
 """Re-export of the stdlib-only import alias (see the top-level ``nemo_automodel_bard_alias``)."""
 
-from nemo_automodel_bard_alias import ALIAS, TARGET, BardVLAliasFinder, install
+from nemo_automodel_bard_alias import (
+    ALIAS,
+    AUTO_MODULE,
+    AUTO_REGISTER_ENV,
+    IMPORT_HINT,
+    TARGET,
+    BardVLAliasFinder,
+    BardVLAutoRegisterFinder,
+    install,
+    register_with_transformers,
+)
 
-__all__ = ["ALIAS", "TARGET", "BardVLAliasFinder", "install"]
+__all__ = [
+    "ALIAS",
+    "AUTO_MODULE",
+    "AUTO_REGISTER_ENV",
+    "IMPORT_HINT",
+    "TARGET",
+    "BardVLAliasFinder",
+    "BardVLAutoRegisterFinder",
+    "install",
+    "register_with_transformers",
+]
