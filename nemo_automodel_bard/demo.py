@@ -49,7 +49,11 @@ def write_demo_video(path: str | Path, size: int = 64, frames: int = 8, fps: int
 
 
 def model_card_generate(model_id: str | Path, messages: list[dict[str, Any]], **generate_kwargs: Any):
-    """The published inference code path: processor, qwen-vl-utils, ``model.generate``, decode."""
+    """The model card's inference code path: processor, qwen-vl-utils, ``model.generate``, decode.
+
+    As on the card, ``process_vision_info(..., return_video_metadata=False)`` and its ``video_kwargs``
+    (``fps`` list included) go to the processor unchanged; :class:`BardVLProcessor` accepts them.
+    """
     import torch
     from qwen_vl_utils import process_vision_info
     from transformers import AutoProcessor
@@ -65,20 +69,15 @@ def model_card_generate(model_id: str | Path, messages: list[dict[str, Any]], **
     image_inputs, video_inputs, video_kwargs = process_vision_info(
         messages,
         return_video_kwargs=True,
-        return_video_metadata=True,
+        return_video_metadata=False,
         image_patch_size=processor.image_processor.patch_size,
     )
-    video_metadata = None
-    if video_inputs is not None:
-        video_metadata = [item[1] for item in video_inputs]
-        video_inputs = [item[0] for item in video_inputs]
     batch = processor(
         text=[texts],
         images=image_inputs,
         videos=video_inputs,
         padding=False,
         return_tensors="pt",
-        video_metadata=video_metadata,
         **video_kwargs,
     ).to(device)
     kwargs = dict(
