@@ -125,14 +125,14 @@ def register_processor_with_transformers() -> None:
     if os.environ.get(AUTO_REGISTER_ENV, "1") == "0":
         return
     try:
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, AutoProcessor
 
         if any(getattr(p, "__name__", None) == "BardVLProcessor" for p in PROCESSOR_MAPPING._extra_content.values()):
             return  # the real class (or a stand-in) is registered already
         register_with_transformers()
         config = _STAND_INS.get("bard_vl")
         if config is not None:
-            PROCESSOR_MAPPING.register(config, _lazy_processor_class(), exist_ok=True)
+            AutoProcessor.register(config, _lazy_processor_class(), exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - must never break transformers' own import
         warnings.warn(f"Bard-VL was not registered with transformers ({exc!r}); {IMPORT_HINT}", stacklevel=2)
 
@@ -150,12 +150,12 @@ def register_with_transformers() -> None:
         return
     try:
         from transformers.configuration_utils import PreTrainedConfig
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
         for model_type in ("bard_vl", "bard_vl_text"):
-            if model_type not in CONFIG_MAPPING._extra_content:  # the real class may be registered already
+            if model_type not in CONFIG_MAPPING:  # the real class may be registered already
                 _STAND_INS[model_type] = _lazy_config_class(PreTrainedConfig, model_type)
-                CONFIG_MAPPING.register(model_type, _STAND_INS[model_type], exist_ok=True)
+                AutoConfig.register(model_type, _STAND_INS[model_type], exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - must never break transformers' own import
         warnings.warn(f"Bard-VL was not registered with transformers ({exc!r}); {IMPORT_HINT}", stacklevel=2)
 

@@ -77,3 +77,21 @@ def test_stand_in_error_names_the_import(monkeypatch):
         assert "import nemo_automodel_bard" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("expected ImportError")
+
+
+def test_pipeline_in_a_fresh_interpreter(tiny_model_dir, tmp_path):
+    from nemo_automodel_bard.demo import write_demo_image
+
+    image = write_demo_image(tmp_path / "x.png")
+    result = _run_fresh(
+        f"""
+        from transformers import pipeline
+        pipe = pipeline("image-text-to-text", model={str(tiny_model_dir)!r})
+        messages = [{{"role": "user", "content": [{{"type": "image", "image": {str(image)!r}}},
+                                                  {{"type": "text", "text": "Describe."}}]}}]
+        out = pipe(text=messages, max_new_tokens=4)
+        print(type(pipe.model).__name__, type(pipe.processor).__name__, out[0]["generated_text"][-1]["role"])
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["BardVLForConditionalGeneration", "BardVLProcessor", "assistant"]
