@@ -238,8 +238,8 @@ class _Prepared:
     loss_targets: torch.Tensor  # [m]
     loss_weights: torch.Tensor  # [m]
     loss_is_block_pad: torch.Tensor  # [m] bool: target is block padding after the response's end
-    normalizer: int  # R
-    levels: torch.Tensor  # [N]
+    normalizer: int  # R per noisy copy (R, or 2R with complementary masking)
+    levels: torch.Tensor  # [N] (with complementary masking [2N]: t, then 1 - t)
     num_corrupted: int
     truncated: bool
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -273,6 +273,11 @@ class BardVLCollator:
             samples never attend to each other (separate doc ids) and keep their own block numbering.
         loss_reduction: stored in the batch as ``loss_reduction`` (see ``diffusion_ce_loss``).
         pad_weight: loss weight factor at block-padding targets (0.5 as published).
+        complementary: complementary masking (mask noise, linear schedule): a second noisy copy is appended
+            to each row whose masked positions are exactly the ones the first copy kept (its blocks at
+            levels ``1 - t``), so every response token is a loss position in every step; the two copies share
+            prompt, clean context and positions and never see each other. The per-sample loss is the mean of
+            the two copies' ELBO estimates (normaliser ``2R``).
         max_loss_weight: cap of the per-block ELBO weight ``1/t`` (``None``: uncapped, as published). With
             levels down to 1e-3 one token can weigh 1000x another and hold half a batch's loss; a cap such
             as 10 trades the exact ELBO for a lower-variance gradient.
@@ -311,6 +316,7 @@ class BardVLCollator:
         processor_path: Optional[str] = None,
         pad_weight: float = 0.5,
         max_loss_weight: Optional[float] = None,
+        complementary: bool = False,
         substitution_vocab_limit: Optional[int] = None,
         pad_to_multiple_of: int = 1,
     ) -> None:
@@ -355,6 +361,12 @@ class BardVLCollator:
         self.loss_reduction = loss_reduction
         self.pad_weight = float(pad_weight)
         self.max_loss_weight = None if max_loss_weight is None else float(max_loss_weight)
+        self.complementary = bool(complementary)
+        if self.complementary and (self.noise_mode is not NoiseMode.MASK or schedule != "linear"):
+            raise ValueError("complementary=True needs noise_mode='mask' and schedule='linear' (the complement of a "
+                             f"masked copy is defined for mask noise only); got {self.noise_mode.value!r}, {schedule!r}")
+        if self.complementary and self.legacy_clean_sees_noisy:
+            raise ValueError("complementary=True cannot be combined with legacy_clean_sees_noisy=True")
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.epoch = 0
         self._counter = 0
@@ -552,11 +564,12 @@ class BardVLCollator:
         P = prompt_ids.numel()
 
         truncated = False
-        if self.max_length is not None and P + 2 * padded_len > self.max_length:
-            blocks = (self.max_length - P) // (2 * B)
+        copies = 3 if self.complementary else 2  # clean + noisy (+ complement)
+        if self.max_length is not None and P + copies * padded_len > self.max_length:
+            blocks = (self.max_length - P) // (copies * B)
             if blocks < 1:
                 raise SampleSkipped(
-                    f"too long: prompt of {P} tokens (images included) + 2 x one block of {B} exceeds "
+                    f"too long: prompt of {P} tokens (images included) + {copies} x one block of {B} exceeds "
                     f"max_length={self.max_length}"
                 )
             padded_len = blocks * B
@@ -580,28 +593,43 @@ class BardVLCollator:
             prompt.get("image_grid_thw"),
             prompt.get("video_grid_thw"),
         )[:, 0]  # [3, P + R]
-        position_ids = torch.cat([pos, pos[:, P:]], dim=1)
-        token_type, block_ids = sample_layout(P, R, B)
+        token_type, block_ids = sample_layout(P, R, B, complementary=self.complementary)
+        # every noisy copy: (tokens [R], corrupted [R], per-block ELBO weights [N]); each reuses the clean positions
+        noisy_copies = [(noisy.to(torch.int64), corrupted, block_weights)]
+        if self.complementary:
+            complement = torch.where(corrupted, clean, torch.full_like(clean, self.mask_token_id))
+            complement_weights = 1.0 / (1.0 - levels).clamp_min(1e-3)  # linear schedule at level 1 - t
+            if self.max_loss_weight is not None:
+                complement_weights = complement_weights.clamp(max=self.max_loss_weight)
+            noisy_copies.append((complement, ~corrupted, complement_weights))
+            levels = torch.cat([levels, 1.0 - levels])
+        position_ids = torch.cat([pos] + [pos[:, P:]] * len(noisy_copies), dim=1)
 
-        noisy_offsets = torch.nonzero(corrupted).reshape(-1)
-        weights = block_weights.repeat_interleave(B)[noisy_offsets]
-        weights = torch.where(is_pad[noisy_offsets], weights * self.pad_weight, weights)
+        offsets, targets, weights, block_pad = [], [], [], []
+        for c, (_, copy_corrupted, copy_block_weights) in enumerate(noisy_copies):
+            noisy_offsets = torch.nonzero(copy_corrupted).reshape(-1)
+            w = copy_block_weights.repeat_interleave(B)[noisy_offsets]
+            w = torch.where(is_pad[noisy_offsets], w * self.pad_weight, w)
+            offsets.append(P + (c + 1) * R + noisy_offsets)
+            targets.append(clean[noisy_offsets])
+            weights.append(w)
+            block_pad.append(is_pad[noisy_offsets])
         pixels = {k: prompt[k] for k in _PIXEL_KEYS if prompt.get(k) is not None}
         return _Prepared(
             index=index,
             turn=turn,
-            input_ids=torch.cat([context_ids, noisy.to(torch.int64)]),
+            input_ids=torch.cat([context_ids] + [tokens for tokens, _, _ in noisy_copies]),
             position_ids=position_ids.to(torch.int64),
             token_type=token_type,
             block_ids=block_ids,
-            mm_token_type_ids=torch.cat([context_mm, torch.zeros(R, dtype=torch.int64)]),
-            loss_offsets=P + R + noisy_offsets,
-            loss_targets=clean[noisy_offsets],
-            loss_weights=weights.to(torch.float32),
-            loss_is_block_pad=is_pad[noisy_offsets],
-            normalizer=R,
+            mm_token_type_ids=torch.cat([context_mm] + [torch.zeros(R, dtype=torch.int64)] * len(noisy_copies)),
+            loss_offsets=torch.cat(offsets),
+            loss_targets=torch.cat(targets),
+            loss_weights=torch.cat(weights).to(torch.float32),
+            loss_is_block_pad=torch.cat(block_pad),
+            normalizer=R * len(noisy_copies),
             levels=levels,
-            num_corrupted=int(corrupted.sum()),
+            num_corrupted=int(sum(int(c.sum()) for _, c, _ in noisy_copies)),
             truncated=truncated,
             pixels=pixels,
         )

@@ -1,11 +1,13 @@
 """Training-row layout and the block-diffusion attention visibility rule.
 
-A training sample is laid out as ``[prompt | clean response | noisy response]`` (DESIGN §1).
+A training sample is laid out as ``[prompt | clean response | noisy response]``, or with complementary
+masking as ``[prompt | clean | noisy | complement noisy]`` (a second corrupted copy whose corrupted
+positions are exactly the ones the first copy kept, so every response token is a target once).
 Every token carries three integers:
 
-* ``token_type`` -- a :class:`TokenType` (prompt / clean / noisy / row padding);
+* ``token_type`` -- a :class:`TokenType` (prompt / clean / noisy / complement / row padding);
 * ``block_ids`` -- its diffusion block (prompt position ``p -> p // B``; response offset ``r`` of
-  either copy ``-> ceil(P / B) + r // B``);
+  any copy ``-> ceil(P / B) + r // B``);
 * ``doc_ids`` -- which packed sample of the row it belongs to (row padding: ``-1``).
 
 :func:`mask_mod_fn` is the *only* place where the visibility rule is written down. The dense
@@ -25,6 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 __all__ = [
+    "NOISY_TYPES",
     "TokenType",
     "PAD_DOC_ID",
     "sample_layout",
@@ -49,17 +52,26 @@ class TokenType(enum.IntEnum):
     CLEAN = 1
     NOISY = 2
     PAD = 3
+    #: the second noisy copy of complementary masking: it sees what a NOISY token sees, and its own copy
+    NOISY_COMPLEMENT = 4
 
 
-def sample_layout(prompt_len: int, response_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layout of one sample ``[prompt (P) | clean response (R) | noisy response (R)]``.
+#: the token types that are corrupted response copies (queries that predict their clean tokens)
+NOISY_TYPES = (TokenType.NOISY, TokenType.NOISY_COMPLEMENT)
+
+
+def sample_layout(
+    prompt_len: int, response_len: int, block_size: int, complementary: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout of one sample ``[prompt (P) | clean response (R) | noisy response (R)]`` (with
+    ``complementary``: ``[... | complement noisy (R)]`` appended, of type ``NOISY_COMPLEMENT``).
 
     ``response_len`` must already be a multiple of ``block_size`` (the response is right-padded with
     the block-padding token beforehand).
 
     Returns:
-        ``(token_type, block_ids)``, both int64 of shape ``[P + 2R]``. Prompt position ``p`` gets block
-        ``p // B`` (the last prompt block may be partial); response offset ``r`` (clean or noisy copy)
+        ``(token_type, block_ids)``, both int64 of shape ``[P + 2R]`` (``[P + 3R]``). Prompt position ``p``
+        gets block ``p // B`` (the last prompt block may be partial); response offset ``r`` (of any copy)
         gets block ``ceil(P / B) + r // B``.
     """
     if block_size <= 0:
@@ -74,13 +86,11 @@ def sample_layout(prompt_len: int, response_len: int, block_size: int) -> tuple[
     num_prompt_blocks = math.ceil(prompt_len / block_size)
     prompt_blocks = torch.arange(prompt_len, dtype=torch.int64) // block_size
     response_blocks = num_prompt_blocks + torch.arange(response_len, dtype=torch.int64) // block_size
-    block_ids = torch.cat([prompt_blocks, response_blocks, response_blocks])
+    copies = [TokenType.CLEAN, TokenType.NOISY] + ([TokenType.NOISY_COMPLEMENT] if complementary else [])
+    block_ids = torch.cat([prompt_blocks] + [response_blocks] * len(copies))
     token_type = torch.cat(
-        [
-            torch.full((prompt_len,), int(TokenType.PROMPT), dtype=torch.int64),
-            torch.full((response_len,), int(TokenType.CLEAN), dtype=torch.int64),
-            torch.full((response_len,), int(TokenType.NOISY), dtype=torch.int64),
-        ]
+        [torch.full((prompt_len,), int(TokenType.PROMPT), dtype=torch.int64)]
+        + [torch.full((response_len,), int(kind), dtype=torch.int64) for kind in copies]
     )
     return token_type, block_ids
 
@@ -90,7 +100,7 @@ def reblock(token_type: torch.Tensor, doc_ids: torch.Tensor, block_size: int) ->
 
     Recovers each token's prompt index / response offset within its document from ``token_type``
     and ``doc_ids`` (``[batch, L]`` or ``[L]``; documents are contiguous runs laid out as
-    ``[prompt | clean | noisy]``), then applies :func:`sample_layout`'s rule with ``block_size``.
+    ``[prompt | clean | noisy (| complement)]``), then applies :func:`sample_layout`'s rule with ``block_size``.
     Padding tokens get block 0.
     """
     if block_size <= 0:
@@ -115,7 +125,7 @@ def reblock(token_type: torch.Tensor, doc_ids: torch.Tensor, block_size: int) ->
     prompt_len = prompt_offset + is_prompt.long()
     first_response_block = (prompt_len + block_size - 1) // block_size
     out = torch.where(is_prompt, prompt_offset // block_size, torch.zeros_like(token_type))
-    for kind in (TokenType.CLEAN, TokenType.NOISY):
+    for kind in (TokenType.CLEAN, *NOISY_TYPES):
         is_kind = token_type == int(kind)
         out = torch.where(is_kind, first_response_block + offset_in_run(kind) // block_size, out)
     return out[0] if squeeze else out
@@ -185,14 +195,16 @@ def mask_mod_fn(
     Query ``q`` sees key ``k`` iff they share a doc id and
 
     * ``q`` PROMPT/CLEAN: ``k`` PROMPT/CLEAN with ``block(k) <= block(q)``;
-    * ``q`` NOISY: ``k`` PROMPT (any block), CLEAN with ``block(k) < block(q)``, or NOISY with
-      ``block(k) == block(q)``;
+    * ``q`` NOISY (or NOISY_COMPLEMENT): ``k`` PROMPT (any block), CLEAN with ``block(k) < block(q)``, or
+      a token of the query's own copy (same type) with ``block(k) == block(q)`` -- the two noisy copies of
+      complementary masking never see each other;
     * ``legacy_clean_sees_noisy``: additionally ``q`` CLEAN sees NOISY ``k`` with ``block(k) <= block(q)``
       (the published training mask);
     * PAD keys are seen by nobody, except that a PAD query sees itself (no all-masked rows).
     """
     tt, bid, doc = _as_batched(token_type, block_ids, doc_ids)
     prompt, clean, noisy, pad = (int(TokenType.PROMPT), int(TokenType.CLEAN), int(TokenType.NOISY), int(TokenType.PAD))
+    complement = int(TokenType.NOISY_COMPLEMENT)
     legacy = bool(legacy_clean_sees_noisy)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
@@ -204,10 +216,10 @@ def mask_mod_fn(
         k_context = (k_type == prompt) | (k_type == clean)
         context_rule = q_context & k_context & (k_block <= q_block)
 
-        noisy_rule = (q_type == noisy) & (
+        noisy_rule = ((q_type == noisy) | (q_type == complement)) & (
             (k_type == prompt)
             | ((k_type == clean) & (k_block < q_block))
-            | ((k_type == noisy) & (k_block == q_block))
+            | ((k_type == q_type) & (k_block == q_block))
         )
         allowed = context_rule | noisy_rule
         if legacy:

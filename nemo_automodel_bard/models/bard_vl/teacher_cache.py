@@ -78,6 +78,7 @@ def collator_fingerprint(collator: Any) -> dict[str, Any]:
         "mask_token_id": int(inner.mask_token_id),
         "pad_block_token_id": int(inner.pad_block_token_id),
         "pad_weight": float(inner.pad_weight),
+        "complementary": bool(getattr(inner, "complementary", False)),
         "substitution_ids": None if getattr(inner, "substitution_ids", None) is None else hashlib.blake2b(
             inner.substitution_ids.numpy().tobytes(), digest_size=8).hexdigest(),
         "image_root": getattr(inner, "image_root", None),
