@@ -212,3 +212,35 @@ def test_cli_aggregate(tmp_path, capsys):
     assert (tmp_path / "agg" / "aggregate.md").exists()
     assert main(["aggregate", str(tmp_path / "nothing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_objective_options_reach_every_pbm_stage_and_first_stage_overrides_only_the_first(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_training(yaml_path, overrides, launcher, log_file):
+        runs.append(dict(overrides))
+        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    ctx = _ctx(tmp_path, ["pbm.block_sizes=[2,4]", "pbm.complementary=true", "pbm.max_loss_weight=10",
+                          "pbm.first_stage_overrides={optimizer.lr: 0.001}"])
+    ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init")}
+    stages.stage_pbm(ctx)
+    first, second = runs
+    for run in runs:
+        assert run["dataloader.collate_fn.complementary"] is True
+        assert run["dataloader.collate_fn.max_loss_weight"] == 10.0
+    assert first["optimizer.lr"] == 0.001 and "optimizer.lr" not in second
+    plain = stages._objective_overrides({"complementary": False, "max_loss_weight": None})
+    assert plain == {}  # published behaviour: nothing passed, fingerprints unchanged
+
+
+def test_bad_objective_options_fail_before_any_work(tmp_path):
+    from nemo_automodel_bard.pipeline.validate import PipelineConfigError
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", "pbm.max_loss_weight=-1"])
+    with pytest.raises(PipelineConfigError, match="pbm.max_loss_weight must be a positive number"):
+        run_pipeline(cfg)

@@ -248,16 +248,33 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
     return outputs
 
 
-def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: str) -> dict[str, Any]:
-    """One PBM run (also the SWD anchor's extra steps); its seeds and data are the stream ``name``."""
+def _objective_overrides(section: dict[str, Any]) -> dict[str, Any]:
+    """The diffusion-objective options of ``pbm`` as collator overrides (only those set away from the
+    published behaviour, so that default runs keep their fingerprints)."""
+    out: dict[str, Any] = {}
+    if section.get("complementary"):
+        out["dataloader.collate_fn.complementary"] = True
+    if section.get("max_loss_weight") is not None:
+        out["dataloader.collate_fn.max_loss_weight"] = float(section["max_loss_weight"])
+    return out
+
+
+def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: str,
+               first: bool = False) -> dict[str, Any]:
+    """One PBM run (also the SWD anchor's extra steps); its seeds and data are the stream ``name``.
+    ``first``: the chain's first stage, which also gets ``pbm.first_stage_overrides``."""
     section = ctx.cfg["pbm"]
     recipe = section["recipe"].format(block_size=block)
     overrides = {
         "model.pretrained_model_name_or_path": init_dir,
         "dataloader.collate_fn.block_size": block,
         "step_scheduler.max_steps": max_steps,
+        **_objective_overrides(section),
     }
-    return _train(ctx, name, recipe, overrides, section.get("overrides") or {})
+    extra = dict(section.get("overrides") or {})
+    if first:
+        extra.update(section.get("first_stage_overrides") or {})
+    return _train(ctx, name, recipe, overrides, extra)
 
 
 def pbm_steps(section: dict[str, Any]) -> list[int]:
@@ -280,8 +297,8 @@ def stage_pbm(ctx: Context) -> dict[str, Any]:
     section = ctx.cfg["pbm"]
     current = ctx.outputs["ar_init"]["model_dir"]
     result: dict[str, Any] = {"block_sizes": list(section["block_sizes"])}
-    for block, steps in zip(section["block_sizes"], pbm_steps(section)):
-        out = _pbm_stage(ctx, int(block), current, steps, f"pbm_b{block}")
+    for i, (block, steps) in enumerate(zip(section["block_sizes"], pbm_steps(section))):
+        out = _pbm_stage(ctx, int(block), current, steps, f"pbm_b{block}", first=i == 0)
         result[f"b{block}_dir"] = current = out["model_dir"]
         result[f"b{block}_log"] = out["log_dir"]
     return result

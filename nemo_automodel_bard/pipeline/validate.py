@@ -47,6 +47,11 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError(f"{err} (one int, or one per block size)") from None
     if cfg["pbm"].get("first_stage_steps") is not None:
         _positive_int(cfg["pbm"]["first_stage_steps"], "pbm.first_stage_steps")
+    cap = cfg["pbm"].get("max_loss_weight")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
+        raise PipelineConfigError(f"pbm.max_loss_weight must be a positive number or null, got {cap!r}")
+    if not isinstance(cfg["pbm"].get("complementary", False), bool):
+        raise PipelineConfigError(f"pbm.complementary must be true or false, got {cfg['pbm'].get('complementary')!r}")
 
     swd = cfg["swd"]
     if "swd" in stages:
