@@ -225,7 +225,7 @@ def test_objective_options_reach_every_pbm_stage_and_first_stage_overrides_only_
 
     monkeypatch.setattr(stages, "run_recipe", fake_training)
     ctx = _ctx(tmp_path, ["pbm.block_sizes=[2,4]", "pbm.complementary=true", "pbm.max_loss_weight=10",
-                          "pbm.first_stage_overrides={optimizer.lr: 0.001}"])
+                          "+pbm.first_stage_overrides={optimizer.lr: 0.001}"])
     ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init")}
     stages.stage_pbm(ctx)
     first, second = runs
