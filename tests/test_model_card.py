@@ -169,6 +169,6 @@ def test_model_card_example_video_file(answering_model_dir, tmp_path):
 
 def test_model_card_example_video_frames(answering_model_dir, tmp_path):
     frames = [write_demo_image(tmp_path / f"frame{i}.png", size=64) for i in range(4)]
-    item = '{"type": "video", "video": %r},' % [f"file://{p}" for p in frames]
+    item = '{"type": "video", "video": %r},' % [str(p) for p in frames]
     namespace = run_card_example(answering_model_dir, video_item=item)
     _check(namespace, video=True)
