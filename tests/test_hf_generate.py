@@ -109,6 +109,11 @@ def test_unsupported_options_are_refused_by_name(published_config, option, value
         resolve_generate_options(_model(published_config, None), **{option: value})
 
 
+def test_unknown_option_lists_what_is_supported(published_config):
+    with pytest.raises(TypeError, match=r"unknown options \['blok_size'\]; options: max_new_tokens, block_size.*model inputs: input_ids"):
+        resolve_generate_options(_model(published_config, None), blok_size=4)
+
+
 def test_unsupported_options_in_generation_config(published_config):
     with pytest.raises(ValueError, match="num_beams=3 \\(generation_config argument\\)"):
         resolve_generate_options(_model(published_config, None), generation_config=GenerationConfig(num_beams=3))

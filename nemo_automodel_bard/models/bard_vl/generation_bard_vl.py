@@ -60,25 +60,25 @@ PUBLISHED_POSITIONAL = (
     "confidence_threshold",
     "return_step_stats",
 )
-#: Bard options passed straight to the decoding engine.
-ENGINE_OPTIONS = (
-    *PUBLISHED_POSITIONAL,
-    "fused_commit",
-    "revise",
-    "revision_threshold",
-    "max_revision_steps",
-    "mask_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "block_callback",
-    "record_trajectory",
-    "generator",
-)
+
+
+def engine_options() -> tuple[str, ...]:
+    """Bard options passed straight to the decoding engine: the named parameters of
+    :func:`~nemo_automodel_bard.decoding.block_diffusion_generate` (read from its signature)."""
+    import inspect
+
+    from nemo_automodel_bard.decoding import block_diffusion_generate
+
+    params = inspect.signature(block_diffusion_generate).parameters.values()
+    skip = {"model", "inputs", "generation_config"}
+    return tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name not in skip)
+
 
 SUPPORTED = (
     "supported: max_new_tokens (or max_length), block_size, denoising_steps, do_sample, temperature, top_k, top_p, "
     "remasking_strategy, confidence_threshold, eos_token_id, pad_token_id, mask_token_id, streamer, "
-    "generation_config, return_dict_in_generate, return_step_stats, fused_commit, revise, block_callback, generator"
+    "generation_config, return_dict_in_generate, return_step_stats and the Bard options of "
+    "nemo_automodel_bard.decoding.block_diffusion_generate (fused_commit, revise, block_callback, generator, ...)"
 )
 
 # option -> (value that means "off", why it cannot apply)
@@ -245,6 +245,13 @@ class _Prepared:
     return_dict: bool
 
 
+def _input_keys() -> tuple[str, ...]:
+    """The processor outputs ``generate`` takes as keywords (the engine's list)."""
+    from nemo_automodel_bard.decoding import engine
+
+    return (*engine._MODEL_INPUT_KEYS, *engine._IGNORED_INPUT_KEYS)
+
+
 def _input_ids(inputs: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
     if isinstance(inputs, torch.Tensor):
         return inputs
@@ -272,8 +279,15 @@ def _prepare(model: Any, inputs: Any, args: tuple[Any, ...], kwargs: dict[str, A
         kwargs.pop(name, None)
     check_options({k: kwargs.pop(k) for k in list(kwargs) if k in _REFUSED}, "argument")
 
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in ENGINE_OPTIONS}
-    model_inputs = kwargs  # input_ids, attention_mask, pixel_values, ... (the engine checks the names)
+    known = engine_options()
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
+    model_inputs = kwargs  # input_ids, attention_mask, pixel_values, ...
+    unknown = sorted(k for k in model_inputs if k not in _input_keys())
+    if unknown:
+        raise TypeError(
+            f"generate got unexpected inputs or unknown options {unknown}; options: {', '.join(known)}, do_sample, "
+            f"streamer, generation_config, return_dict_in_generate, max_length; model inputs: {', '.join(_input_keys())}"
+        )
 
     if do_sample is False:
         if options.get("temperature") not in (None, 0, 0.0):
