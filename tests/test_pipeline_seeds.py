@@ -162,7 +162,8 @@ def test_bad_seed_and_threads_fail_before_any_work(tmp_path):
                 run_pipeline(cfg)
 
 
-def _fake_run(root: Path, seed: int, ar: float, b32: tuple[float, float], extra: list[str] = (), minutes=15.0):
+def _fake_run(root: Path, seed: int, ar: float, b32: tuple[float, float], extra: list[str] = (), minutes=15.0,
+              correct: list[bool] | None = None):
     run = root / f"seed={seed}"
     (run / "eval").mkdir(parents=True)
     (run / ".hydra").mkdir()
@@ -172,7 +173,8 @@ def _fake_run(root: Path, seed: int, ar: float, b32: tuple[float, float], extra:
         {"name": "ar", "mode": "ar", "threshold": None, "block_size": None, "accuracy": ar, "tokens_per_forward": 1.0}))
     (run / "eval" / "pbm_b32@0.9.json").write_text(json.dumps(
         {"name": "pbm_b32", "mode": "diffusion", "threshold": 0.9, "block_size": 32, "accuracy": b32[0],
-         "tokens_per_forward": b32[1], "trajectory": {"big": [1] * 10}}))
+         "tokens_per_forward": b32[1], "trajectory": {"big": [1] * 10},
+         **({"correct": correct} if correct is not None else {})}))
     return run
 
 
@@ -242,3 +244,24 @@ def test_bad_objective_options_fail_before_any_work(tmp_path):
         cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", "pbm.max_loss_weight=-1"])
     with pytest.raises(PipelineConfigError, match="pbm.max_loss_weight must be a positive number"):
         run_pipeline(cfg)
+
+
+def test_sign_test_and_paired_comparison_against_the_baseline(tmp_path):
+    from nemo_automodel_bard.pipeline.aggregate import paired_comparisons, sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 2**10) and sign_test(0, 10) == sign_test(10, 0)
+    assert sign_test(7, 3) == pytest.approx(2 * sum(__import__("math").comb(10, i) for i in range(4)) / 2**10)
+    base = [True, True, False, False, True]
+    better = [True, True, True, True, True]
+    for seed in (0, 1):
+        _fake_run(tmp_path / "base", seed, 0.9, (0.6, 10.0), correct=base)
+        _fake_run(tmp_path / "new", seed, 0.9, (1.0, 10.0), extra=["pbm.complementary=true"], correct=better)
+    runs = [load_run(p) for p in find_runs([tmp_path / "base", tmp_path / "new"])]
+    (c,) = paired_comparisons(runs)
+    assert c["group"] == "pbm.complementary=true" and c["baseline"] == "" and c["name"] == "pbm_b32"
+    assert (c["n"], c["wins"], c["losses"], c["seeds"]) == (10, 4, 0, [0, 1])
+    assert c["baseline_accuracy"] == pytest.approx(0.6) and c["accuracy"] == 1.0
+    assert c["p_value"] == pytest.approx(sign_test(4, 0))
+    text = write_aggregate([tmp_path / "base", tmp_path / "new"], tmp_path).read_text()
+    assert "| pbm.complementary=true | pbm_b32 | 0.9 | 10 | 60.0 | 100.0 | 4 | 0 |" in text

@@ -7,7 +7,9 @@ are aggregated with ``bard-vl aggregate OUT_DIR [OUT_DIR ...]`` (each an output 
 ``eval/*.json`` and ``summary.json``; a sweep directory stands for all its job directories).
 
 Runs are grouped by their Hydra overrides other than ``seed`` (so a sweep over seeds *and* another key
-gives one table per value of that key).
+gives one table per value of that key). With several groups, every group is compared with the first one
+(the one with the fewest overrides: the baseline) model by model, paired by seed and held-out record:
+the exact sign test (McNemar) on the records one model gets right and the other wrong, pooled over seeds.
 
 Example:
     >>> from nemo_automodel_bard.pipeline.aggregate import spread_stats
@@ -18,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -36,6 +39,16 @@ def spread_stats(values: Iterable[float]) -> dict[str, float]:
         raise ValueError("spread_stats: no values")
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
             "spread": max(values) - min(values), "std": statistics.pstdev(values)}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test p-value of ``wins`` against ``losses`` discordant pairs (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -115,6 +128,45 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired_comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every group against the baseline group (fewest overrides), per (model, threshold): accuracy of both,
+    records won and lost (paired by seed and record), and the sign-test p-value. Needs per-record
+    ``correct`` lists in the results (written by the evaluation)."""
+    groups: dict[str, dict[Any, dict[tuple, list[bool]]]] = {}
+    for run in runs:
+        for r in run["results"]:
+            if "correct" in r:
+                groups.setdefault(run["group"], {}).setdefault(run["seed"], {})[_key(r)] = list(r["correct"])
+    if len(groups) < 2:
+        return []
+    baseline = min(groups, key=lambda g: (len(g.split()), g))
+    out = []
+    for group, by_seed in groups.items():
+        if group == baseline:
+            continue
+        keys = sorted({k for per in by_seed.values() for k in per}, key=lambda k: (k[0], k[1] or 0))
+        for key in keys:
+            wins = losses = n = right_a = right_b = 0
+            seeds = []
+            for seed, per in by_seed.items():
+                base = groups[baseline].get(seed, {}).get(key)
+                mine = per.get(key)
+                if base is None or mine is None or len(base) != len(mine):
+                    continue
+                seeds.append(seed)
+                for a, b in zip(base, mine):
+                    n += 1
+                    right_a += a
+                    right_b += b
+                    wins += b and not a
+                    losses += a and not b
+            if n:
+                out.append({"group": group, "baseline": baseline, "name": key[0], "threshold": key[1], "seeds": seeds,
+                            "n": n, "baseline_accuracy": right_a / n, "accuracy": right_b / n, "wins": wins,
+                            "losses": losses, "p_value": sign_test(wins, losses)})
+    return out
+
+
 def check_aggregate_targets(table: list[dict[str, Any]], seconds: list[float],
                             threshold: float = 0.9) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for the main job over seeds."""
@@ -155,6 +207,8 @@ def render_markdown(aggregated: dict[str, Any]) -> str:
     """The aggregate as Markdown: one table (and target list) per group."""
     lines = ["# Bard-VL runs aggregated over seeds", ""]
     for group, data in aggregated.items():
+        if group == "_comparisons":
+            continue
         lines += [f"## {group or 'default configuration'}", "",
                   f"Seeds {data['seeds']}; {len(data['runs'])} runs. Accuracy = held-out exact match; "
                   "tokens per forward count every forward (prefill included).", "",
@@ -172,6 +226,18 @@ def render_markdown(aggregated: dict[str, Any]) -> str:
         for text, measured, met in data["targets"]:
             lines.append(f"* {'met' if met else 'NOT met'}: {text} — measured {measured}")
         lines.append("")
+    comparisons = aggregated.get("_comparisons") or []
+    if comparisons:
+        lines += ["## Paired comparisons against the baseline", "",
+                  "Paired by seed and held-out record; p: two-sided exact sign test on the records one side gets "
+                  "right and the other wrong.", "",
+                  "| change | model | threshold | records | baseline % | change % | won | lost | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            lines.append(f"| {c['group']} | {c['name']} | {_fmt_threshold(c['threshold'])} | {c['n']} | "
+                         f"{100 * c['baseline_accuracy']:.1f} | {100 * c['accuracy']:.1f} | {c['wins']} | "
+                         f"{c['losses']} | {c['p_value']:.3g} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -181,6 +247,9 @@ def write_aggregate(paths: Iterable[str | Path], out_dir: str | Path) -> Path:
     if not runs:
         raise ValueError(f"no runs with evaluation results under {[str(p) for p in paths]}")
     aggregated = aggregate(runs)
+    comparisons = paired_comparisons(runs)
+    if comparisons:
+        aggregated["_comparisons"] = comparisons
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregate.json").write_text(json.dumps(aggregated, indent=2, default=str) + "\n")
@@ -209,5 +278,5 @@ class AggregateRuns(_HydraCallback):  # type: ignore[misc]
             print(f"bard-vl: no aggregate written: {exc}")
 
 
-__all__ = ["AggregateRuns", "aggregate", "check_aggregate_targets", "find_runs", "load_run", "render_markdown",
-           "spread_stats", "write_aggregate"]
+__all__ = ["AggregateRuns", "aggregate", "check_aggregate_targets", "find_runs", "load_run", "paired_comparisons",
+           "render_markdown", "sign_test", "spread_stats", "write_aggregate"]

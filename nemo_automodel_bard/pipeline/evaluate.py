@@ -71,14 +71,18 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     return records_from_chat(dataset[i] for i in range(len(dataset)))
 
 
-def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], order: str = "reading") -> dict[str, float]:
+def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], order: str = "reading") -> dict[str, Any]:
+    """``accuracy`` (exact match), ``field_accuracy`` (shapes) and ``correct``: per record, exact match or
+    not (for paired comparisons of two models on the same records)."""
     if data_kind == "shapes":
-        from nemo_automodel_bard.data.shapes import score
+        from nemo_automodel_bard.data.shapes import exact_match, score
 
         result = score(list(predictions), list(references), order=order)
-        return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"])}
+        correct = [bool(exact_match(p, r, order=order)) for p, r in zip(predictions, references)]
+        return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"]),
+                "correct": correct}
     matches = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
-    return {"accuracy": sum(matches) / max(len(matches), 1)}
+    return {"accuracy": sum(matches) / max(len(matches), 1), "correct": matches}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
