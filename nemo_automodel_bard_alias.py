@@ -10,8 +10,9 @@ when ``transformers.models.auto.configuration_auto`` (the module behind ``AutoCo
 other Auto class and ``pipeline`` import) has been executed, :func:`register_with_transformers`
 registers light stand-ins for ``model_type`` ``bard_vl`` / ``bard_vl_text``; loading a Bard-VL config
 through one imports ``nemo_automodel_bard``, whose import registers the real classes (config, model,
-processor) with transformers' public ``register`` APIs. Nothing in transformers is replaced or patched. Set ``NEMO_AUTOMODEL_BARD_AUTO_REGISTER=0`` to turn this off
-(then ``import nemo_automodel_bard`` before loading a Bard-VL checkpoint).
+processor) with transformers' public ``register`` APIs. Nothing in transformers is replaced or patched.
+Set ``NEMO_AUTOMODEL_BARD_AUTO_REGISTER=0`` to turn this off (then ``import nemo_automodel_bard`` before
+loading a Bard-VL checkpoint).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _real_config_class(model_type: str):
         module = importlib.import_module(TARGET + ".configuration_bard_vl")
         importlib.import_module("nemo_automodel_bard")
     except ImportError as exc:
-        raise ImportError(f"could not import nemo_automodel_bard to load a {model_type!r} checkpoint ({exc}); {IMPORT_HINT}") from exc
+        raise ImportError(
+            f"could not import nemo_automodel_bard to load a {model_type!r} checkpoint ({exc}); {IMPORT_HINT}"
+        ) from exc
     return module.BardVLConfig if model_type == "bard_vl" else module.BardVLTextConfig
 
 

@@ -79,7 +79,7 @@ def normalize_fps(videos: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     for video, rate in zip(video_list, values):
         frames = _num_frames(video)
         if frames is None:  # a path or URL: the video processor reads and samples it itself
-            return kwargs | {"fps": float(values[0])} if len(set(values)) == 1 else kwargs
+            return (kwargs | {"fps": float(values[0])}) if len(set(values)) == 1 else kwargs
         metadata.append(
             {"total_num_frames": frames, "fps": float(rate), "frames_indices": list(range(frames))}
         )
