@@ -21,7 +21,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from nemo_automodel_bard.data.collator import load_image, qwen3_vl_rope_index
+from nemo_automodel_bard.data.collator import (
+    SampleSkipped,
+    answer_special_ids,
+    check_answer_tokens,
+    check_media_placeholders,
+    check_prompt_placeholders,
+    load_image,
+    qwen3_vl_rope_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +51,7 @@ _ROLES = ("system", "user", "assistant")
 _PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-class _Skip(Exception):
-    pass
+_Skip = SampleSkipped  # one signal for an unusable sample, shared with the diffusion collator
 
 
 def _kind(item: Any) -> str:
@@ -104,6 +111,9 @@ class ARChatCollator:
         self.image_token_id = int(getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids("<|image_pad|>"))
         self.video_token_id = int(getattr(processor, "video_token_id", None) or tok.convert_tokens_to_ids("<|video_pad|>"))
         self.merge = int(getattr(processor.image_processor, "merge_size", 2) or 2)
+        vision = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
+        self._answer_special_ids = answer_special_ids(tok, [self.image_token_id, self.video_token_id, self.im_end_id,
+                                                            *vision])
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -184,10 +194,12 @@ class ARChatCollator:
         rendered, images, videos = self._render(messages[:turn])
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         prompt_text = owner.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+        check_prompt_placeholders(prompt_text, self.processor, len(images), len(videos))
         try:
             out = self.processor(text=[prompt_text], images=images or None, videos=videos or None, return_tensors="pt")
         except Exception as exc:
             raise _Skip(f"processor failed: {type(exc).__name__}: {exc}") from None
+        check_media_placeholders(out, self.image_token_id, self.video_token_id, len(images), len(videos), self.merge)
         prompt = out["input_ids"][0].to(torch.int64)
         mm = out.get("mm_token_type_ids")
         if mm is None:
@@ -195,8 +207,9 @@ class ARChatCollator:
             mm[out["input_ids"] == self.image_token_id] = 1
             mm[out["input_ids"] == self.video_token_id] = 2
         mm = mm[0].to(torch.int64)
-        response = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.im_end_id]
-        response = torch.tensor(response, dtype=torch.int64)
+        answer = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        check_answer_tokens(answer, self._answer_special_ids, self.tokenizer, turn)
+        response = torch.cat([answer, torch.tensor([self.im_end_id], dtype=torch.int64)])
         P = prompt.numel()
         if self.max_length is not None and P + response.numel() > self.max_length:
             keep = self.max_length - P

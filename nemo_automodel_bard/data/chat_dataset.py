@@ -69,6 +69,8 @@ def _resolve_media(ref: Any, root: Optional[str]) -> Any:
         return ref
     if isinstance(ref, (list, tuple)):
         return [_resolve_media(r, root) for r in ref]
+    if isinstance(ref, Mapping) and isinstance(ref.get("url"), str):  # OpenAI-style {"image_url": {"url": ...}}
+        return {**ref, "url": _resolve_media(ref["url"], root)}
     return ref
 
 
@@ -150,6 +152,8 @@ class ChatDataset:
             raise FileNotFoundError(f"ChatDataset: {str(self.path)!r} is neither a JSONL file nor a saved dataset directory")
         self.image_root = str(image_root) if image_root is not None else str(default_root)
         total = len(self._hf) if self._hf is not None else len(self._offsets)
+        if total == 0:
+            raise ValueError(f"ChatDataset: {str(self.path)!r} holds no records")
         self._size = total if max_samples is None else min(int(max_samples), total)
 
     def __len__(self) -> int:
@@ -168,7 +172,7 @@ class ChatDataset:
             f.seek(offset)
             line = f.readline()
         try:
-            return json.loads(line.decode("utf-8")), where, None
+            return json.loads(line.decode("utf-8-sig")), where, None  # -sig: a leading byte-order mark
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return None, where, f"invalid JSON ({exc})"
 

@@ -79,6 +79,60 @@ class SampleSkipped(Exception):
         self.reason = reason
 
 
+def answer_special_ids(tokenizer: Any, extra: Sequence[Optional[int]] = ()) -> torch.Tensor:
+    """Ids that must never occur inside an answer's text: every special token of ``tokenizer`` (chat
+    markers, vision placeholders, MASK, EOS, ...) plus ``extra``; sorted int64 ``[K]``."""
+    ids = {int(i) for i in tokenizer.all_special_ids}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
+    ids |= {int(i) for i in extra if i is not None}
+    return torch.tensor(sorted(ids), dtype=torch.int64)
+
+
+def check_answer_tokens(response_ids: torch.Tensor, special_ids: torch.Tensor, tokenizer: Any, turn: int) -> None:
+    """Raise :class:`SampleSkipped` when the tokenised answer text contains special tokens: a literal
+    ``<|im_end|>`` or ``<|mask|>`` in an answer would be trained as a target (and a vision placeholder
+    would break the row)."""
+    found = torch.isin(response_ids, special_ids)
+    if bool(found.any()):
+        names = sorted({tokenizer.convert_ids_to_tokens(int(i)) for i in response_ids[found].unique()})
+        raise SampleSkipped(f"assistant turn {turn} contains special token(s) {names} in its text")
+
+
+def check_prompt_placeholders(text: str, processor: Any, num_images: int, num_videos: int) -> None:
+    """Raise :class:`SampleSkipped` unless the rendered chat prompt holds exactly one image / video
+    placeholder per image / video of the messages (a user who typed ``<|image_pad|>`` would otherwise
+    make the processor fail or feed features to the wrong tokens)."""
+    for token, count, name in ((getattr(processor, "image_token", "<|image_pad|>"), num_images, "image"),
+                               (getattr(processor, "video_token", "<|video_pad|>"), num_videos, "video")):
+        found = text.count(token) if token else 0
+        if found != count:
+            raise SampleSkipped(f"{name} placeholder/feature mismatch: the prompt text holds {found} {token!r} "
+                                f"for {count} {name}(s) in the messages")
+
+
+def check_media_placeholders(out: Mapping[str, Any], image_token_id: Optional[int], video_token_id: Optional[int],
+                             num_images: int, num_videos: int, merge_size: int) -> None:
+    """Raise :class:`SampleSkipped` unless the processor output has as many image / video placeholder
+    tokens as features and one grid per image / video of the messages (a literal ``<|image_pad|>`` typed
+    into a prompt, for example, breaks that)."""
+    ids = out["input_ids"]
+    merge = merge_size**2
+    for token_id, grid_key, name, count in (
+        (image_token_id, "image_grid_thw", "image", num_images),
+        (video_token_id, "video_grid_thw", "video", num_videos),
+    ):
+        grid = out.get(grid_key)
+        n_tokens = int((ids == token_id).sum()) if token_id is not None else 0
+        n_feats = int((grid.prod(-1) // merge).sum()) if grid is not None else 0
+        n_grids = int(grid.shape[0]) if grid is not None else 0
+        if n_tokens != n_feats or n_grids != count:
+            raise SampleSkipped(
+                f"{name} placeholder/feature mismatch: {n_tokens} placeholder tokens, {n_feats} features, "
+                f"{count} {name}s in the messages"
+            )
+
+
 # ------------------------------------------------------------------------------------------------ media
 
 
@@ -385,6 +439,8 @@ class BardVLCollator:
             self._token_id("<|vision_end|>", None),
         }
         self._vision_ids = torch.tensor(sorted(i for i in vision_ids if i is not None), dtype=torch.int64)
+        self._answer_special_ids = answer_special_ids(
+            tokenizer, [*vision_ids, self.mask_token_id, self.im_end_id, self.pad_block_token_id])
         image_processor = getattr(processor, "image_processor", None)
         self.spatial_merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
         self._rope = _RopeIndexer(self.spatial_merge_size)
@@ -509,6 +565,7 @@ class BardVLCollator:
         text = template_owner.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
         if videos and getattr(self.processor, "video_processor", None) is None:
             raise SampleSkipped("sample has a video but the processor has no video processor")
+        check_prompt_placeholders(text, self.processor, len(images), len(videos))
         try:
             out = self.processor(
                 text=[text],
@@ -520,21 +577,9 @@ class BardVLCollator:
             raise
         except Exception as exc:  # processor errors: placeholder count mismatches, undecodable videos, ...
             raise SampleSkipped(f"processor failed: {type(exc).__name__}: {exc}") from None
+        check_media_placeholders(out, self.image_token_id, self.video_token_id, len(images), len(videos),
+                                 self.spatial_merge_size)
         ids = out["input_ids"]
-        merge = self.spatial_merge_size**2
-        for token_id, grid_key, name, count in (
-            (self.image_token_id, "image_grid_thw", "image", len(images)),
-            (self.video_token_id, "video_grid_thw", "video", len(videos)),
-        ):
-            grid = out.get(grid_key)
-            n_tokens = int((ids == token_id).sum()) if token_id is not None else 0
-            n_feats = int((grid.prod(-1) // merge).sum()) if grid is not None else 0
-            n_grids = int(grid.shape[0]) if grid is not None else 0
-            if n_tokens != n_feats or n_grids != count:
-                raise SampleSkipped(
-                    f"{name} placeholder/feature mismatch: {n_tokens} placeholder tokens, {n_feats} features, "
-                    f"{count} {name}s in the messages"
-                )
         if out.get("mm_token_type_ids") is None:
             mm = torch.zeros_like(ids)
             if self.image_token_id is not None:
@@ -550,9 +595,9 @@ class BardVLCollator:
         B = self.block_size
         text = self._response_text(messages[turn], turn)
         response = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        check_answer_tokens(torch.tensor(list(response), dtype=torch.int64), self._answer_special_ids,
+                            self.tokenizer, turn)
         response = torch.tensor(list(response) + [self.im_end_id], dtype=torch.int64)
-        if torch.isin(response, self._vision_ids).any():
-            raise SampleSkipped(f"assistant turn {turn} contains vision placeholder tokens")
         true_len = response.numel()
         padded_len = math.ceil(true_len / B) * B
         clean = torch.cat([response, response.new_full((padded_len - true_len,), self.pad_block_token_id)])

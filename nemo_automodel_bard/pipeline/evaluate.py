@@ -25,6 +25,10 @@ class EvalRecord:
     reference: str
 
 
+class EvalDataError(ValueError):
+    """A held-out record cannot be evaluated; the message names the record and the reason."""
+
+
 def _answer_text(message: dict[str, Any]) -> str:
     content = message["content"]
     if isinstance(content, str):
@@ -32,16 +36,56 @@ def _answer_text(message: dict[str, Any]) -> str:
     return "".join(item.get("text", "") for item in content if isinstance(item, dict))
 
 
-def records_from_chat(records: Iterable[dict[str, Any]]) -> list[EvalRecord]:
-    """Split chat records into (prompt messages, last assistant answer); broken records are skipped."""
+def _check_eval_record(record: Any) -> str | None:
+    """Why a held-out record cannot be evaluated (structure, texts, an answer, readable images), or ``None``."""
+    from nemo_automodel_bard.data.chat_dataset import validate_record
+    from nemo_automodel_bard.data.collator import SampleSkipped, load_image
+
+    if isinstance(record, dict) and record.get("error"):
+        return str(record["error"])
+    reason = validate_record(record)
+    if reason is not None:
+        return reason
+    messages = record["messages"]
+    if not any(m.get("role") == "assistant" for m in messages):
+        return "no assistant turn: a held-out record needs its reference answer"
+    for i, message in enumerate(messages):
+        content = message["content"]
+        for item in [] if isinstance(content, str) else content:
+            kind = item.get("type") or ("image" if "image" in item else "video" if "video" in item else "text")
+            if kind == "text" and not isinstance(item.get("text"), str):
+                return f"message {i}: text must be a string, got {type(item.get('text')).__name__}"
+            if kind in ("image", "image_url"):
+                ref = item.get("image") if item.get("image") is not None else item.get("image_url")
+                if isinstance(ref, dict):
+                    ref = ref.get("url")
+                try:
+                    load_image(ref)
+                except SampleSkipped as exc:
+                    return f"message {i}: {exc.reason}"
+            elif kind == "video":
+                return f"message {i}: video items are not evaluated yet (images and text only)"
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+    if not _answer_text(messages[last]).strip():
+        return "the reference answer is empty"
+    return None
+
+
+def records_from_chat(records: Iterable[dict[str, Any]], source: str = "held-out data") -> list[EvalRecord]:
+    """Split chat records into (prompt messages, last assistant answer).
+
+    Raises:
+        EvalDataError: naming the first unusable record of ``source`` (broken JSON, no answer, a non-string
+            text, a missing or unreadable image) -- before any model runs.
+    """
     out = []
-    for record in records:
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not messages:
-            continue
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            continue
+    for n, record in enumerate(records):
+        reason = _check_eval_record(record)
+        if reason is not None:
+            index = record.get("index", n) if isinstance(record, dict) else n
+            raise EvalDataError(f"{source}: record {index}: {reason}")
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
         out.append(EvalRecord(messages=list(messages[:last]), reference=_answer_text(messages[last])))
     return out
 
@@ -68,7 +112,10 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     from nemo_automodel_bard.data.chat_dataset import ChatDataset
 
     dataset = ChatDataset(path, image_root=data_cfg.get("root"), max_samples=num_samples)
-    return records_from_chat(dataset[i] for i in range(len(dataset)))
+    records = records_from_chat((dataset[i] for i in range(len(dataset))), source=f"data.eval_path {path}")
+    if not records:
+        raise EvalDataError(f"data.eval_path {path}: no records")
+    return records
 
 
 def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], order: str = "reading") -> dict[str, Any]:
@@ -215,4 +262,4 @@ def write_result(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["EvalRecord", "evaluate_model", "heldout_records", "records_from_chat", "write_result"]
+__all__ = ["EvalDataError", "EvalRecord", "evaluate_model", "heldout_records", "records_from_chat", "write_result"]

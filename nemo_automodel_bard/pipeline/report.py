@@ -99,14 +99,15 @@ def _loss_curves(ctx: Any) -> dict[str, list[tuple[int, float]]]:
             path = Path(value) / "training.jsonl"
             if not path.exists():
                 continue
-            points = []
+            by_step: dict[int, float] = {}  # a resumed run may log a step twice: the later record wins
             for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
                 if "loss" in record and "step" in record:
-                    points.append((int(record["step"]), float(record["loss"])))
+                    by_step[int(record["step"])] = float(record["loss"])
+            points = sorted(by_step.items())
             label = stage if key == "log_dir" else f"{stage}:{key[:-4]}"
             curves[label] = points
     return curves

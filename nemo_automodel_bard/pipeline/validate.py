@@ -98,9 +98,20 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         if cfg["data"].get("order", "reading") not in ANSWER_ORDERS:
             raise PipelineConfigError(f"data.order must be one of {ANSWER_ORDERS}, got {cfg['data'].get('order')!r}")
 
-    for threshold in cfg["evaluate"]["thresholds"]:
-        if not 0 < float(threshold) <= 1.5:
-            raise PipelineConfigError(f"evaluate.thresholds: {threshold} is not a confidence threshold in (0, 1]")
+    evaluate = cfg["evaluate"]
+    for threshold in evaluate["thresholds"]:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < float(threshold) <= 1:
+            raise PipelineConfigError(f"evaluate.thresholds: {threshold!r} is not a confidence threshold in (0, 1]")
+    for key in ("num_samples", "batch_size", "max_new_tokens"):
+        _positive_int(evaluate.get(key), f"evaluate.{key}")
+    if evaluate.get("denoising_steps") is not None:
+        _positive_int(evaluate["denoising_steps"], "evaluate.denoising_steps")
+    from nemo_automodel_bard.decoding.unmasking import UnmaskingRule
+
+    try:
+        UnmaskingRule.parse(str(evaluate.get("remasking_strategy")))
+    except ValueError as exc:
+        raise PipelineConfigError(f"evaluate.remasking_strategy: {exc}") from None
 
     from .evaluate import resolve_device
 
@@ -137,6 +148,15 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
             raise PipelineConfigError(f"data.root: {data['root']} is not a directory")
         if "evaluate" in stages and not data.get("eval_path"):
             raise PipelineConfigError("data.eval_path is required to evaluate on chat-format data")
+        if "evaluate" in stages:
+            if not Path(data["eval_path"]).is_file():
+                raise PipelineConfigError(f"data.eval_path: {data['eval_path']} does not exist")
+            from .evaluate import EvalDataError, heldout_records
+
+            try:  # every held-out record is checked now, not after hours of training
+                heldout_records(data, int(evaluate["num_samples"]))
+            except (EvalDataError, ValueError, OSError) as exc:
+                raise PipelineConfigError(str(exc)) from None
     elif data["kind"] != "shapes":
         raise PipelineConfigError(f"data.kind must be 'shapes' or 'jsonl', got {data['kind']!r}")
 

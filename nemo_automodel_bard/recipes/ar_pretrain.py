@@ -41,6 +41,11 @@ class BardVLARPretrainRecipe(BardRecipeBase):
     builders = (build_qwen3_vl_ar,)
     denominator_key = "loss_tokens"
 
+    def _validation_collate_defaults(self, train) -> dict:
+        """The validation collator cuts rows like the training one (``max_length``)."""
+        collator = getattr(train, "collator", None)
+        return {"max_length": getattr(collator, "max_length", None)}
+
     def _local_counts(self, batch: dict) -> dict[str, float]:
         return {
             "samples": float(batch.get("num_samples", batch["input_ids"].shape[0])),

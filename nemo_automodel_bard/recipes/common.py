@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BardRecipeBase",
+    "NoUsableSamplesError",
     "RecipeConfigError",
     "accept_custom_model_targets",
     "cpu_cuda_guard",
@@ -92,6 +93,14 @@ VISION_PATTERN = r"(^|\.)visual\."
 
 class RecipeConfigError(ValueError):
     """A recipe YAML is missing a key or sets one to an unusable value."""
+
+
+class NoUsableSamplesError(RuntimeError):
+    """Training stopped: the data yielded no usable sample (every record skipped, a wrong path, ...)."""
+
+
+#: optimizer steps without a single usable sample after which a run stops (and exports nothing)
+NO_SAMPLE_STEPS = 10
 
 
 def param_group_kind(name: str) -> str:
@@ -313,6 +322,8 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         if self.dist_env.device is None:  # initialize_distributed leaves it unset without CUDA
             self.dist_env.device = torch.device("cpu")
         self.stop_after_steps = self.cfg.get("bard.stop_after_steps", None)
+        self._samples_trained = 0.0
+        self._steps_this_run = 0
         self._last_checkpoint: Optional[str] = None
         self._stopped_early = False
         self._group_kinds = self._classify_param_groups()
@@ -432,6 +443,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         keys = sorted({k for c in counts for k in c})
         global_counts = dict(zip(keys, self._allreduce_sum([sum(c.get(k, 0.0) for c in counts) for k in keys])))
         denominator = global_counts[self.denominator_key]
+        self._check_usable_samples(batches, global_counts)
         num_batches = len(batches)
         loss_buffer: list[torch.Tensor] = []
         stat_buffer: list[dict] = []
@@ -508,6 +520,22 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             self.step_scheduler.sigterm_flag = True
             self._stopped_early = True
         return MetricsSample(step=step, epoch=self.step_scheduler.epoch, metrics=metrics)
+
+    def _check_usable_samples(self, batches: list, global_counts: dict[str, float]) -> None:
+        """Stop (raise :class:`NoUsableSamplesError`, nothing exported, the stage not done) when the first
+        :data:`NO_SAMPLE_STEPS` optimizer steps of this run (or all of a shorter run) had no usable sample."""
+        self._samples_trained += float(global_counts.get("samples", 0.0))
+        self._steps_this_run += 1
+        max_steps = int(self.step_scheduler.max_steps or NO_SAMPLE_STEPS)
+        if self._samples_trained > 0 or self._steps_this_run < min(NO_SAMPLE_STEPS, max_steps):
+            return
+        reasons = [f"record {index}: {reason}" for batch in batches for index, reason in (batch.get("skipped") or [])]
+        skipped = int(global_counts.get("skipped", 0.0))
+        raise NoUsableSamplesError(
+            f"{self._steps_this_run} optimizer steps without a single usable training sample ({skipped} skipped in "
+            f"the last step{': ' + '; '.join(reasons[:3]) if reasons else ''}); check the dataset path, root and "
+            "records -- nothing was exported"
+        )
 
     def _learning_rates(self) -> dict[str, float]:
         """``lr`` (first group, as NeMo logs it) and ``lr_language`` / ``lr_merger`` / ``lr_vision``."""
@@ -595,6 +623,12 @@ class BardRecipeBase(FinetuneRecipeForVLM):
     # ------------------------------------------------------------------ checkpoint / export
     def save_checkpoint(self, epoch: int, step: int, train_loss: float, val_loss: Optional[dict] = None,
                         best_metric_key: str = "default") -> None:  # fmt: skip
+        # the logs up to this step reach the disk with the checkpoint: a run killed later and resumed from
+        # here keeps every step of its training.jsonl (NeMo buffers 100 records)
+        for name in ("metric_logger_train", "metric_logger_valid"):
+            logger_ = getattr(self, name, None)
+            if logger_ is not None and hasattr(logger_, "flush"):
+                logger_.flush()
         super().save_checkpoint(epoch, step, train_loss, val_loss, best_metric_key=best_metric_key)
         if self.checkpointer.config.enabled:
             self._last_checkpoint = os.path.join(self.checkpointer.config.checkpoint_dir, f"epoch_{epoch}_step_{step}")

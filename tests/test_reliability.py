@@ -1,0 +1,235 @@
+"""Bad inputs and faults, table-driven: each ends in a clear error naming the record / file / key before any
+work, or in a counted skip with its reason -- never a crash deep inside a library or a silent wrong result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from nemo_automodel_bard.data.ar_collator import ARChatCollator
+from nemo_automodel_bard.data.chat_dataset import ChatDataset
+from nemo_automodel_bard.data.collator import BardVLCollator
+from nemo_automodel_bard.pipeline.app import config_dir, run_pipeline
+from nemo_automodel_bard.pipeline.validate import PipelineConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _chat(user, answer="red circle 1 1.", system=None):
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": user})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages, "index": 0}
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "ok.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
+    return str(path)
+
+
+def _with_image(path, text="What is there?", answer="red circle 1 1."):
+    return _chat([{"type": "image", "image": path}, {"type": "text", "text": text}], answer)
+
+
+# (case, record builder, reason the skip must name)
+COLLATOR_CASES = [
+    ("image placeholder typed into the prompt", lambda img: _chat("look <|image_pad|> here"), "placeholder/feature mismatch"),
+    ("placeholder next to a real image", lambda img: _with_image(img, "and <|image_pad|>"), "placeholder/feature mismatch"),
+    ("EOS marker inside the answer", lambda img: _chat("hi", "red <|im_end|> circle"), "special token"),
+    ("MASK token inside the answer", lambda img: _chat("hi", "red <|mask|> circle"), "special token"),
+    ("vision start inside the answer", lambda img: _chat("hi", "a <|vision_start|> b"), "special token"),
+    ("chat marker inside the answer", lambda img: _chat("hi", "a <|im_start|> b"), "special token"),
+    ("missing image file", lambda img: _with_image("/no/such/image.png"), "/no/such/image.png"),
+    ("empty answer", lambda img: _chat("hi", "   "), "empty response"),
+    ("no assistant turn", lambda img: _chat("hi", None), "assistant"),
+    ("unknown role", lambda img: {"messages": [{"role": "robot", "content": "x"},
+                                               {"role": "assistant", "content": "y"}], "index": 0}, "role"),
+    ("content item not an object", lambda img: _chat(["not a dict"]), "content"),
+    ("record is not an object", lambda img: ["messages"], "messages"),
+]
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+@pytest.mark.parametrize("case, build, reason", COLLATOR_CASES, ids=[c[0] for c in COLLATOR_CASES])
+def test_bad_records_are_counted_skips_with_their_reason(tiny_processor, image_path, kind, case, build, reason):
+    collator = (BardVLCollator(processor=tiny_processor, block_size=4) if kind == "diffusion"
+                else ARChatCollator(tiny_processor))
+    good = _with_image(image_path)
+    batch = collator([build(image_path), good])
+    assert batch["num_skipped"] == 1 and batch["num_samples"] == 1, case
+    (index, why), = batch["skipped"]
+    assert reason in why, (case, why)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_too_long_records_are_skipped_or_cut(tiny_processor, kind):
+    long_prompt = _chat("word " * 400)
+    if kind == "diffusion":
+        collator = BardVLCollator(processor=tiny_processor, block_size=4, max_length=64)
+    else:
+        collator = ARChatCollator(tiny_processor, max_length=64)
+    batch = collator([long_prompt])
+    assert batch["num_skipped"] == 1 and "too long" in batch["skipped"][0][1]
+    long_answer = _chat("hi", "red circle 1 1, " * 100)
+    batch = collator([long_answer])
+    assert batch["num_samples"] == 1 and batch["input_ids"].shape[1] <= 64
+
+
+def test_tiny_recipes_limit_the_row_length():
+    import yaml
+
+    for path in sorted((ROOT / "recipes" / "tiny").glob("*.yaml")):
+        collate = yaml.safe_load(path.read_text())["dataloader"]["collate_fn"]
+        assert isinstance(collate.get("max_length"), int), path.name
+
+
+# ------------------------------------------------------------------------------------------------ data files
+def test_data_files(tmp_path, image_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.jsonl' holds no records"):
+        ChatDataset(empty)
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes("\ufeff".encode() + (json.dumps(_chat("hi")) + "\n").encode() * 2)
+    ds = ChatDataset(bom)
+    assert ds[0]["messages"][0]["content"] == "hi" and ds.num_invalid == 0
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(_chat("hi")) + "\n{not json\n[1, 2]\n")
+    ds = ChatDataset(broken)
+    assert "broken.jsonl line 2: invalid JSON" in ds[1]["error"]
+    assert "line 3" in ds[2]["error"] and "JSON object" in ds[2]["error"]
+    with pytest.raises(ValueError, match="record 1"):
+        ChatDataset(broken, strict=True)[1]
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    openai = tmp_path / "openai.jsonl"
+    openai.write_text(json.dumps(_chat([{"type": "image_url", "image_url": {"url": "images/a.png"}},
+                                        {"type": "text", "text": "x"}])) + "\n")
+    item = ChatDataset(openai)[0]["messages"][0]["content"][0]
+    assert item["image_url"]["url"] == str(tmp_path / "images" / "a.png")
+
+    with pytest.raises(FileNotFoundError, match="neither a JSONL file"):
+        ChatDataset(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _write_jsonl(path: Path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+EVAL_CASES = [
+    ("answerless record", lambda img: [_chat("hi", None)], "record 0: no assistant turn"),
+    ("missing image", lambda img: [_with_image("/no/such/eval.png")], "/no/such/eval.png"),
+    ("non-string text", lambda img: [_chat([{"type": "text", "text": 5}])], "text must be a string"),
+    ("broken JSON line", None, "invalid JSON"),
+    ("empty answer", lambda img: [_chat("hi", " ")], "reference answer is empty"),
+]
+
+
+@pytest.mark.parametrize("case, build, message", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_held_out_records_stop_before_any_training(tmp_path, image_path, case, build, message):
+    train = _write_jsonl(tmp_path / "train.jsonl", [_with_image(image_path)])
+    eval_path = tmp_path / "eval.jsonl"
+    if build is None:
+        eval_path.write_text("{oops\n")
+    else:
+        _write_jsonl(eval_path, build(image_path))
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path / 'run'}", "data=jsonl",
+                                                        f"data.path={train}", f"data.eval_path={eval_path}"])
+    with pytest.raises(PipelineConfigError, match=message):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+CONFIG_CASES = [
+    (["evaluate.thresholds=[1.2]"], r"evaluate.thresholds: 1.2 is not a confidence threshold"),
+    (["evaluate.thresholds=[0]"], r"evaluate.thresholds: 0 is not a confidence threshold"),
+    (["evaluate.batch_size=0"], "evaluate.batch_size must be a positive integer"),
+    (["evaluate.num_samples=0"], "evaluate.num_samples must be a positive integer"),
+    (["evaluate.max_new_tokens=-3"], "evaluate.max_new_tokens must be a positive integer"),
+    (["evaluate.denoising_steps=0"], "evaluate.denoising_steps must be a positive integer"),
+    (["evaluate.remasking_strategy=bogus"], "evaluate.remasking_strategy: unknown remasking_strategy 'bogus'"),
+    (["seed=-1"], "seed must be a non-negative integer"),
+    (["threads=0"], "threads must be a positive integer"),
+    (["pbm.max_loss_weight=0"], "pbm.max_loss_weight must be a positive number"),
+    (["data=jsonl", "data.path=/no/such.jsonl"], "data.path: /no/such.jsonl does not exist"),
+    (["pbm.block_sizes=[]"], "pbm.block_sizes: empty"),
+    (["swd.direction=sideways"], "swd.direction must be 'forward' or 'reverse'"),
+    (["swd.anchor=random"], "swd.anchor must be 'fixed' or 'previous'"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
+def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", *overrides])
+    with pytest.raises(PipelineConfigError, match=message):
+        run_pipeline(cfg)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_a_run_without_usable_samples_stops_and_exports_nothing(tiny_model_dir, tmp_path):
+    from nemo_automodel_bard.recipes.common import NoUsableSamplesError, run_recipe
+
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [_with_image(f"/missing/{i}.png") for i in range(8)])
+    out = tmp_path / "run"
+    with pytest.raises(NoUsableSamplesError, match=r"without a single usable training sample .*record \d+: .*missing"):
+        run_recipe(ROOT / "recipes" / "tiny" / "pbm_b2.yaml", [
+            f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=3",
+            "--step_scheduler.global_batch_size=4", "--step_scheduler.local_batch_size=4",
+            "--step_scheduler.ckpt_every_steps=100", "--validation_dataset=None", "--bard.progress_bar=false",
+            "--dataset._target_=nemo_automodel_bard.data.factory.make_dataset", "--dataset.kind=jsonl",
+            f"--dataset.path={bad}",
+            f"--checkpoint.checkpoint_dir={out}"])
+    assert not (out / "final").exists() and not (out / "export.json").exists()
+
+
+_KILL_CHILD = r"""
+import sys, logging
+logging.basicConfig(level=logging.WARNING)
+from nemo_automodel_bard.recipes.common import run_recipe
+run_recipe(sys.argv[1], sys.argv[2:])
+"""
+
+
+def test_training_log_survives_a_kill_after_a_checkpoint(tiny_model_dir, tmp_path):
+    """kill -9 after the step-5 checkpoint: training.jsonl holds every step up to it (NeMo buffers 100 records;
+    the checkpoint flushes them), so a resumed run's log and the report's loss curve are complete."""
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes" / "tiny" / "pbm_b2.yaml"), f"--model.pretrained_model_name_or_path={tiny_model_dir}",
+            "--step_scheduler.max_steps=400", "--step_scheduler.global_batch_size=2",
+            "--step_scheduler.local_batch_size=2", "--step_scheduler.ckpt_every_steps=5",
+            "--validation_dataset=None", "--bard.progress_bar=false", "--dataset.size=64",
+            f"--checkpoint.checkpoint_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "epoch_0_step_9").exists():
+            time.sleep(0.2)
+        assert (out / "epoch_0_step_9").exists(), "no checkpoint within 240 s"
+        time.sleep(0.5)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    steps = [json.loads(line)["step"] for line in (out / "training.jsonl").read_text().splitlines()]
+    assert steps[:10] == list(range(10))
