@@ -233,3 +233,13 @@ def test_training_log_survives_a_kill_after_a_checkpoint(tiny_model_dir, tmp_pat
         child.wait()
     steps = [json.loads(line)["step"] for line in (out / "training.jsonl").read_text().splitlines()]
     assert steps[:10] == list(range(10))
+
+
+def test_the_documented_override_syntax_composes(tmp_path):
+    """docs/pipeline.md's example of a stage's recipe override is accepted by Hydra and reaches the config."""
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    line = next(line for line in text.splitlines() if "pbm.overrides=" in line)
+    override = line.split("bard-vl ", 1)[1].split("#")[0].strip().replace("'", "")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", override])
+    assert cfg.pbm.overrides["optimizer.lr"] == 1e-3
