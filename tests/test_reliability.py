@@ -243,3 +243,34 @@ def test_the_documented_override_syntax_composes(tmp_path):
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=[f"work_dir={tmp_path}", override])
     assert cfg.pbm.overrides["optimizer.lr"] == 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ generate
+GENERATE_CASES = [
+    ("empty batch", lambda b: {**b, "input_ids": b["input_ids"][:0], "attention_mask": b["attention_mask"][:0]},
+     "empty batch"),
+    ("id outside the vocabulary", lambda b: {**b, "input_ids": b["input_ids"].clone().fill_(10**6)},
+     "outside the model's vocabulary"),
+    ("image placeholders without pixels", lambda b: {k: v for k, v in b.items() if k != "pixel_values"},
+     "image placeholder tokens but no pixel_values"),
+    ("pixels without placeholders", lambda b: {**b, "input_ids": b["input_ids"].masked_fill(
+        b["input_ids"] == b["_image_token"], 5)}, "no image placeholder tokens"),
+    ("pixels without their grid", lambda b: {k: v for k, v in b.items() if k != "image_grid_thw"},
+     "need image_grid_thw"),
+]
+
+
+@pytest.mark.parametrize("case, corrupt, message", GENERATE_CASES, ids=[c[0] for c in GENERATE_CASES])
+def test_generate_refuses_inconsistent_inputs(tiny_model_dir, tiny_processor, image_path, case, corrupt, message):
+    import torch
+
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+
+    model = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
+    text = tiny_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = dict(tiny_processor(text=[text], images=[Image.open(image_path)], return_tensors="pt"))
+    batch["_image_token"] = model.config.image_token_id
+    bad = {k: v for k, v in corrupt(batch).items() if not k.startswith("_")}
+    with pytest.raises(ValueError, match=message):
+        model.generate(bad, max_new_tokens=4, block_size=4)

@@ -484,6 +484,34 @@ class _BlockDecoder:
             tokens_in = block
 
 
+def check_model_inputs(model: Any, data: Mapping[str, Any]) -> None:
+    """Refuse inconsistent inputs with a message naming them (instead of an error deep inside the model):
+    an empty batch, ids outside the model's vocabulary, image / video placeholders without pixel inputs or
+    pixel inputs without placeholders."""
+    ids = data["input_ids"]
+    if ids.shape[0] == 0:
+        raise ValueError("generate got an empty batch (input_ids of shape [0, ...])")
+    vocab = int(model.config.text_config.vocab_size)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids hold ids in [{low}, {high}], outside the model's vocabulary of {vocab} "
+                         "(a tokenizer that does not belong to this checkpoint?)")
+    valid = data.get("attention_mask")
+    valid = ids.new_ones(ids.shape, dtype=torch.bool) if valid is None else valid.bool()
+    for kind, token_key, pixel_key, grid_key in (("image", "image_token_id", "pixel_values", "image_grid_thw"),
+                                                 ("video", "video_token_id", "pixel_values_videos", "video_grid_thw")):
+        token_id = getattr(model.config, token_key, None)
+        placeholders = int(((ids == token_id) & valid).sum()) if token_id is not None else 0
+        has_pixels = data.get(pixel_key) is not None
+        if placeholders and not has_pixels:
+            raise ValueError(f"input_ids hold {placeholders} {kind} placeholder tokens but no {pixel_key} were given "
+                             "(pass the processor's whole output)")
+        if has_pixels and not placeholders:
+            raise ValueError(f"{pixel_key} were given but input_ids hold no {kind} placeholder tokens")
+        if has_pixels and data.get(grid_key) is None:
+            raise ValueError(f"{pixel_key} need {grid_key} (pass the processor's whole output)")
+
+
 def block_diffusion_generate(
     model: Any,
     inputs: Any = None,
@@ -574,6 +602,7 @@ def block_diffusion_generate(
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     data = _model_inputs(inputs, model_inputs, device)
+    check_model_inputs(model, data)
     started = time.perf_counter()
     with torch.no_grad():
         result = _decode(model, data, opts, device, dtype, block_callback, record_trajectory, generator)
