@@ -48,7 +48,10 @@ def test_real_size_templates_carry_the_published_hyperparameters(size, block, mo
     cfg = _load(ROOT / size / f"pbm_b{block}.yaml", monkeypatch)
     assert cfg.get("optimizer.lr") == pytest.approx(2e-5)
     assert list(cfg.get("optimizer.betas")) == [0.9, 0.95]
-    assert cfg.get("optimizer.weight_decay") == 0.0
+    assert cfg.get("optimizer.weight_decay") == (0.01 if "8b" in size else 0.0)  # published 8B PBM: 0.01
+    assert cfg.get("lr_scheduler.min_lr") == pytest.approx(1e-6)  # published: cosine to 0.05x
+    assert cfg.get("processor.min_pixels") == 65536 and cfg.get("processor.max_pixels") == 4194304
+    assert cfg.get("dataloader.collate_fn.max_length") == 8192
     groups = [dict(g.to_dict()) for g in cfg.get("optimizer.param_group_overrides")]
     assert groups[0]["lr_mult"] == 1.0 and "merger" in groups[0]["pattern"]  # merger: 2e-5
     assert groups[1]["lr_mult"] == pytest.approx(0.1)  # vision tower: 2e-6
@@ -95,3 +98,16 @@ def test_tiny_ar_pretrain_recipe(monkeypatch):
     assert _recipe_class(cfg).__name__ == "BardVLARPretrainRecipe"
     assert str(cfg.get("checkpoint.checkpoint_dir")) == "runs/tiny/ar"
     assert cfg.get("model.tiny") is not None
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", ["swd.yaml", "swd_b8.yaml", "swd_b16.yaml", "swd_b32.yaml"])
+def test_real_size_swd_templates_follow_the_published_distillation(size, name, monkeypatch):
+    cfg = _load(ROOT / size / name, monkeypatch)
+    assert cfg.get("step_scheduler.global_batch_size") == 64  # 1 x 8 accumulation x 8 GPUs
+    assert cfg.get("optimizer.lr") == pytest.approx(6e-6)
+    assert all(g.get("lr_mult") == 1.0 for g in cfg.get("optimizer.param_group_overrides"))  # one lr for all
+    assert cfg.get("lr_scheduler.min_lr") == pytest.approx(3e-6) and cfg.get("step_scheduler.num_epochs") == 3
+    assert cfg.get("processor.max_pixels") == 1048576
+    assert cfg.get("dataloader.collate_fn.max_length") == 8192
+    assert cfg.get("model.torch_dtype") == "float32" and cfg.get("distributed.mp_policy.param_dtype") == "bfloat16"

@@ -155,6 +155,9 @@ def _stream_overrides(ctx: Context, stream: str, yaml_path: Path, given: dict[st
         size = data.get("train_size", "auto")
         if size in (None, "auto"):
             steps = int(_recipe_value(yaml_path, given, "step_scheduler.max_steps") or 0)
+            if steps <= 0:
+                raise ValueError(f"data.train_size=auto needs a step count for stage {stream!r}; set "
+                                 "data.train_size to an integer for stages that train by epochs")
             batch = int(_recipe_value(yaml_path, given, "step_scheduler.global_batch_size") or 0)
             size = max(steps * batch, 1)
         size = int(size)
@@ -268,7 +271,7 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     overrides = {
         "model.pretrained_model_name_or_path": init_dir,
         "dataloader.collate_fn.block_size": block,
-        "step_scheduler.max_steps": max_steps,
+        **_steps_override(max_steps),
         **_objective_overrides(section),
     }
     extra = dict(section.get("overrides") or {})
@@ -277,15 +280,23 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     return _train(ctx, name, recipe, overrides, extra)
 
 
-def pbm_steps(section: dict[str, Any]) -> list[int]:
-    """Steps per block size: ``pbm.max_steps`` (one int, or a list aligned with ``block_sizes``), with
-    ``pbm.first_stage_steps`` (if set) replacing the first stage's when ``max_steps`` is one int."""
+def _steps_override(max_steps: int | None) -> dict[str, Any]:
+    """``step_scheduler.max_steps`` for a step cap; nothing for ``None`` (the recipe's epochs, as published)."""
+    return {} if max_steps is None else {"step_scheduler.max_steps": int(max_steps)}
+
+
+def pbm_steps(section: dict[str, Any]) -> list[int | None]:
+    """Steps per block size: ``pbm.max_steps`` (one int, or a list aligned with ``block_sizes``; ``None``: the
+    recipe's epochs), with ``pbm.first_stage_steps`` (if set) replacing the first stage's when ``max_steps``
+    is one int."""
     steps = section["max_steps"]
     blocks = list(section["block_sizes"])
     if isinstance(steps, (list, tuple)):
         if len(steps) != len(blocks):
             raise ValueError(f"pbm.max_steps has {len(steps)} entries for {len(blocks)} block sizes {blocks}")
-        return [int(s) for s in steps]
+        return [None if s is None else int(s) for s in steps]
+    if steps is None:
+        return [None] * len(blocks)
     out = [int(steps)] * len(blocks)
     if out and section.get("first_stage_steps"):
         out[0] = int(section["first_stage_steps"])
@@ -349,6 +360,9 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
         if extra > 0:
             logger.info("swd.anchor_path is set: swd.anchor_extra_steps=%s is not applied", extra)
     else:
+        if ctx.cfg["model"].get("init"):
+            logger.warning("swd: no swd.anchor_path -- this size's own B=%d stage teaches; the published anchor is "
+                           "the 8B model at B=%d (pass swd.anchor_path=<its export>)", teacher_block, teacher_block)
         anchor_dir = pbm[f"b{teacher_block}_dir"]
         if extra > 0:
             out = _pbm_stage(ctx, teacher_block, anchor_dir, extra, f"swd_anchor_b{teacher_block}")
@@ -373,7 +387,7 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                 "teacher_model.pretrained_model_name_or_path": teacher_dir,
                 "bard.teacher_block_size": teacher_b,
                 "dataloader.collate_fn.block_size": student,
-                "step_scheduler.max_steps": int(section["max_steps"]),
+                **_steps_override(section["max_steps"]),
                 "bard.ce_weight": float(section["ce_weight"]),
                 "bard.kd_weight": kd_weight,
                 "bard.kd_top_k": int(kd["top_k"]),

@@ -35,12 +35,15 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError("pbm.block_sizes: empty")
     if any(b2 <= b1 for b1, b2 in zip(blocks, blocks[1:])):
         raise PipelineConfigError(f"pbm.block_sizes must be strictly increasing, got {blocks}")
-    steps = cfg["pbm"]["max_steps"]
+    steps = cfg["pbm"]["max_steps"]  # null: the recipes' epochs (real sizes)
     if isinstance(steps, (list, tuple)):
         for value in steps:
-            _positive_int(value, "pbm.max_steps[]")
-    else:
+            if value is not None:
+                _positive_int(value, "pbm.max_steps[]")
+    elif steps is not None:
         _positive_int(steps, "pbm.max_steps")
+    if cfg["swd"].get("max_steps") is not None:
+        _positive_int(cfg["swd"]["max_steps"], "swd.max_steps")
     try:
         pbm_steps(cfg["pbm"])  # the same per-stage expansion the pbm stage uses
     except ValueError as err:
@@ -94,6 +97,9 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         size = cfg["data"].get("train_size", "auto")
         if size not in (None, "auto"):
             _positive_int(size, "data.train_size")
+        elif None in pbm_steps(cfg["pbm"]) or ("swd" in stages and cfg["swd"].get("max_steps") is None):
+            raise PipelineConfigError("data.train_size=auto sizes each stage's fresh data by its steps; stages that "
+                                      "train by epochs (max_steps null) need an integer data.train_size")
 
         if cfg["data"].get("order", "reading") not in ANSWER_ORDERS:
             raise PipelineConfigError(f"data.order must be one of {ANSWER_ORDERS}, got {cfg['data'].get('order')!r}")
