@@ -69,3 +69,26 @@ def test_fresh_shapes_data_needs_a_step_count(tmp_path):
     cfg = _compose([f"work_dir={tmp_path}", "pbm.max_steps=null", "stages=[pbm]"])
     with pytest.raises(PipelineConfigError, match="stages that train by epochs"):
         run_pipeline(cfg)
+
+
+def test_stage_overrides_reach_only_their_block_size(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_training(yaml_path, overrides, launcher, log_file):
+        runs.append(dict(overrides))
+        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    cfg = OmegaConf.to_container(_compose([f"work_dir={tmp_path}", "pbm.block_sizes=[4,8,16]",
+                                           "+pbm.stage_overrides={8: {dataset.path: /data/b8.jsonl}}"]), resolve=True)
+    cfg.pop("hydra", None)
+    ctx = stages.Context(cfg=cfg, work_dir=tmp_path, output_dir=tmp_path, repo_root=REPO_ROOT,
+                         manifest=Manifest(tmp_path))
+    ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init")}
+    stages.stage_pbm(ctx)
+    assert [r.get("dataset.path") for r in runs] == [None, "/data/b8.jsonl", None]
+    bad = _compose([f"work_dir={tmp_path}", "+pbm.stage_overrides={64: {a: 1}}"])
+    with pytest.raises(PipelineConfigError, match="pbm.stage_overrides: 64 is not one of pbm.block_sizes"):
+        run_pipeline(bad)

@@ -277,6 +277,9 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     extra = dict(section.get("overrides") or {})
     if first:
         extra.update(section.get("first_stage_overrides") or {})
+    # per block size, e.g. the published data: one mixture for B=4, another for B >= 8
+    by_block = {int(k): v for k, v in (section.get("stage_overrides") or {}).items()}
+    extra.update(by_block.get(int(block)) or {})
     return _train(ctx, name, recipe, overrides, extra)
 
 

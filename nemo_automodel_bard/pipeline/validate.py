@@ -50,6 +50,15 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError(f"{err} (one int, or one per block size)") from None
     if cfg["pbm"].get("first_stage_steps") is not None:
         _positive_int(cfg["pbm"]["first_stage_steps"], "pbm.first_stage_steps")
+    for key, value in (cfg["pbm"].get("stage_overrides") or {}).items():
+        try:
+            known = int(key) in blocks
+        except (TypeError, ValueError):
+            known = False
+        if not known:
+            raise PipelineConfigError(f"pbm.stage_overrides: {key!r} is not one of pbm.block_sizes {blocks}")
+        if not isinstance(value, dict):
+            raise PipelineConfigError(f"pbm.stage_overrides.{key} must be a mapping of recipe keys, got {value!r}")
     cap = cfg["pbm"].get("max_loss_weight")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
         raise PipelineConfigError(f"pbm.max_loss_weight must be a positive number or null, got {cap!r}")
