@@ -135,6 +135,7 @@ def test_recipe_content_is_part_of_the_fingerprint(tmp_path):
 def test_code_digest_and_environment():
     assert code_digest(("diffusion",)) == code_digest(("diffusion",)) != code_digest(("data",))
     env = environment()
+    assert "+" not in str(env["nemo_automodel"])  # the installed version, not NeMo's git-decorated __version__
     for key in ("threads", "cpu_capability", "torch", "transformers", "nemo_automodel", "PIL", "commit",
                 "training_code", "evaluation_code"):
         assert key in env, key

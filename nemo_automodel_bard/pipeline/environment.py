@@ -101,12 +101,15 @@ def numerics() -> dict[str, Any]:
         out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - older torch
         out["cpu_capability"] = "unknown"
-    for name in ("transformers", "nemo_automodel", "PIL"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # installed distribution versions (nemo_automodel.__version__ appends the git commit of the working
+    # directory, which would tie every fingerprint to the current commit)
+    for key, dist in (("transformers", "transformers"), ("nemo_automodel", "nemo-automodel"), ("PIL", "pillow")):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "unknown")
-        except ImportError:  # pragma: no cover
-            out[name] = None
+            out[key] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover
+            out[key] = None
     return out
 
 
