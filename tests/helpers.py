@@ -61,3 +61,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def record_training(monkeypatch) -> list[dict]:
+    """Replace the pipeline's training launcher by a stub that records each run's overrides and writes an
+    empty export (``<checkpoint_dir>/final/config.json``), so stage logic runs without training."""
+    from pathlib import Path
+
+    import nemo_automodel_bard.pipeline.stages as stages
+
+    runs: list[dict] = []
+
+    def fake_training(yaml_path, overrides, launcher, log_file):
+        runs.append({"_recipe": Path(yaml_path).name, **overrides})
+        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    return runs

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import record_training
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -80,22 +81,8 @@ def test_ar_stage_seeds_initialisation_and_vision_warmup(tmp_path, monkeypatch):
     assert seen[0]["model.vision_warmup.data_seed"] == seen[1]["model.vision_warmup.data_seed"] == 0
 
 
-def _record_training(monkeypatch) -> list[dict]:
-    """Replace training by a stub that records each run's overrides and writes an empty export."""
-    runs: list[dict] = []
-
-    def fake_training(yaml_path, overrides, launcher, log_file):
-        runs.append(dict(overrides))
-        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
-        final.mkdir(parents=True)
-        (final / "config.json").write_text("{}")
-
-    monkeypatch.setattr(stages, "run_recipe", fake_training)
-    return runs
-
-
 def test_swd_student_and_control_see_the_same_stream(tmp_path, monkeypatch):
-    runs = _record_training(monkeypatch)
+    runs = record_training(monkeypatch)
     ctx = _ctx(tmp_path, ["swd.student_block_sizes=[16]", "swd.anchor_extra_steps=5"])
     ctx.outputs["pbm"] = {"b4_dir": str(tmp_path / "b4"), "b16_dir": str(tmp_path / "b16")}
     stages.stage_swd(ctx)
@@ -224,7 +211,7 @@ def test_cli_aggregate(tmp_path, capsys):
 
 
 def test_objective_options_reach_every_pbm_stage_and_first_stage_overrides_only_the_first(tmp_path, monkeypatch):
-    runs = _record_training(monkeypatch)
+    runs = record_training(monkeypatch)
     ctx = _ctx(tmp_path, ["pbm.block_sizes=[2,4]", "pbm.complementary=true", "pbm.max_loss_weight=10",
                           "+pbm.first_stage_overrides={optimizer.lr: 0.001}"])
     ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init")}

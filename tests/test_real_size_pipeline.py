@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import record_training
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -39,15 +40,7 @@ def test_cfg_job_shows_the_real_size_settings():
 
 
 def test_stages_that_train_by_epochs_pass_no_step_cap(tmp_path, monkeypatch):
-    runs = []
-
-    def fake_training(yaml_path, overrides, launcher, log_file):
-        runs.append((Path(yaml_path).name, dict(overrides)))
-        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
-        final.mkdir(parents=True)
-        (final / "config.json").write_text("{}")
-
-    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    runs = record_training(monkeypatch)
     train = tmp_path / "train.jsonl"
     train.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
     cfg = OmegaConf.to_container(_compose(["model=qwen3_vl_4b", f"work_dir={tmp_path}", "data=jsonl",
@@ -59,8 +52,8 @@ def test_stages_that_train_by_epochs_pass_no_step_cap(tmp_path, monkeypatch):
     ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init")}
     ctx.outputs["pbm"] = stages.stage_pbm(ctx)
     stages.stage_swd(ctx)
-    assert [name for name, _ in runs] == ["pbm_b4.yaml", "pbm_b8.yaml", "swd.yaml"]
-    for _, overrides in runs:
+    assert [r["_recipe"] for r in runs] == ["pbm_b4.yaml", "pbm_b8.yaml", "swd.yaml"]
+    for overrides in runs:
         assert "step_scheduler.max_steps" not in overrides  # the recipe's num_epochs
         assert overrides["dataset.kind"] == "jsonl"
 
@@ -72,15 +65,7 @@ def test_fresh_shapes_data_needs_a_step_count(tmp_path):
 
 
 def test_stage_overrides_reach_only_their_block_size(tmp_path, monkeypatch):
-    runs = []
-
-    def fake_training(yaml_path, overrides, launcher, log_file):
-        runs.append(dict(overrides))
-        final = Path(overrides["checkpoint.checkpoint_dir"]) / "final"
-        final.mkdir(parents=True)
-        (final / "config.json").write_text("{}")
-
-    monkeypatch.setattr(stages, "run_recipe", fake_training)
+    runs = record_training(monkeypatch)
     cfg = OmegaConf.to_container(_compose([f"work_dir={tmp_path}", "pbm.block_sizes=[4,8,16]",
                                            "+pbm.stage_overrides={8: {dataset.path: /data/b8.jsonl}}"]), resolve=True)
     cfg.pop("hydra", None)
