@@ -6,7 +6,7 @@ forward), so a 32-token forward costs little more than a 1-token one; this scrip
 ratio and the tokens/s bound it implies for a given number of tokens committed per forward.
 
 The model is transformers' Qwen3-VL text tower (the module Bard-VL's text tower *is*) at the 4B
-sizes of DESIGN §1 (hidden 2560, 36 layers, 32 heads, 8 KV heads, head_dim 128, MLP 9728,
+sizes of Qwen3-VL-4B (hidden 2560, 36 layers, 32 heads, 8 KV heads, head_dim 128, MLP 9728,
 vocabulary 151,936), random weights, bf16, SDPA with an explicit 4-D additive mask as Bard-VL uses,
 logits for every query row (the decoder needs them for the whole block). Usage::
 

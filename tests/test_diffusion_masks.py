@@ -1,4 +1,4 @@
-"""Tests for the block-diffusion layout and attention visibility rule (DESIGN §1)."""
+"""Tests for the block-diffusion layout and attention visibility rule (docs/training_layout.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from nemo_automodel_bard.diffusion import (
 
 P, C, N, PAD = (int(TokenType.PROMPT), int(TokenType.CLEAN), int(TokenType.NOISY), int(TokenType.PAD))
 
-# DESIGN §1 worked example: P=3, R=4, B=2. X = visible, o = visible only with the legacy flag.
+# The worked example of docs/training_layout.md: P=3, R=4, B=2. X = visible, o = visible only with the legacy flag.
 WORKED_EXAMPLE = """
       P0 P1 P2 C0 C1 C2 C3 N0 N1 N2 N3
   P0   X  X  .  .  .  .  .  .  .  .  .

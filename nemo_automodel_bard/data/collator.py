@@ -9,7 +9,7 @@
      "index": 17}                                       # optional, seeds the noise
 
 into the tensors that :func:`nemo_automodel_bard.models.bard_vl.training.diffusion_training_loss`
-consumes (DESIGN §1, docs/training_layout.md):
+consumes (docs/training_layout.md):
 
 * prompt = the chat template applied to every message before the target assistant turn with
   ``add_generation_prompt=True`` (it ends with ``<|im_start|>assistant\\n``); images and videos

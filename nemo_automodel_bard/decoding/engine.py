@@ -1,6 +1,6 @@
 """Parallel block-wise decoding for Bard-VL.
 
-Algorithm (DESIGN §1) with our improvements (DESIGN §2):
+Algorithm (docs/decoding.md) with our improvements over the published decoder:
 
 1. **Prefill** the prompt once with the block-causal prompt mask (prompt position ``p`` is in
    block ``p // B``); only K/V are kept, no prompt logits are computed.

@@ -4,7 +4,7 @@ Decoder tests and benchmarks need a model whose confidences *mean* something: on
 a handful of prompt -> response pairs, emits EOS where the response ends, and is confident about
 some positions and unsure about others. Random weights give near-uniform confidences (every rule
 degenerates to "commit k per step") and never stop. :func:`train_toy` fine-tunes a tiny Bard-VL on
-a few :class:`ToyExample` rows with the block-diffusion objective (DESIGN §1: ``[prompt | clean |
+a few :class:`ToyExample` rows with the block-diffusion objective (docs/training_layout.md: ``[prompt | clean |
 noisy]`` rows, the consistent visibility rule of :mod:`nemo_automodel_bard.diffusion.masks`, the noisy
 copy reusing the clean copy's positions, unshifted targets at MASK positions).
 

@@ -3,7 +3,7 @@
 Per model and threshold: held-out accuracy, tokens per forward (every forward counted, prefill
 included) and tokens/s, next to the AR model decoded autoregressively; loss curves per training
 stage (from NeMo's ``training.jsonl``); accuracy against tokens per forward; one rendered denoising
-trajectory of a held-out image; and the DESIGN §5 targets with what was measured.
+trajectory of a held-out image; and the main job's targets with what was measured.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _find(results: list[dict[str, Any]], name: str, threshold: float | None) -> 
 
 
 def check_targets(results: list[dict[str, Any]], default_threshold: float) -> list[tuple[str, str, bool | None]]:
-    """(target, what was measured, met?) for the DESIGN §5 / pipeline-issue targets."""
+    """(target, what was measured, met?) for the main job's targets."""
     out: list[tuple[str, str, bool | None]] = []
     ar = _find(results, "ar", None)
     if ar is not None:

@@ -103,23 +103,6 @@ def _world_size(launcher: dict[str, Any]) -> int:
     return int(launcher.get("nproc_per_node", 1) or 1) * int(launcher.get("nnodes", 1) or 1)
 
 
-def _batch_overrides(yaml_path: Path, world: int, given: dict[str, Any]) -> dict[str, Any]:
-    """Split the recipe's global batch over ``world`` ranks when its micro-batch would not fit (tiny YAMLs
-    use one micro-batch of 32 on one process); an explicit ``step_scheduler.local_batch_size`` wins."""
-    if world <= 1 or "step_scheduler.local_batch_size" in given:
-        return {}
-    import yaml
-
-    scheduler = (yaml.safe_load(yaml_path.read_text()) or {}).get("step_scheduler") or {}
-    global_batch = int(given.get("step_scheduler.global_batch_size", scheduler.get("global_batch_size", 0)) or 0)
-    local_batch = int(scheduler.get("local_batch_size", 0) or 0)
-    if global_batch and local_batch and local_batch * world > global_batch:
-        if global_batch % world:
-            raise ValueError(f"{yaml_path.name}: global_batch_size {global_batch} does not split over {world} ranks")
-        return {"step_scheduler.local_batch_size": global_batch // world}
-    return {}
-
-
 def _recipe_value(yaml_path: Path, given: dict[str, Any], dotted: str) -> Any:
     """``given[dotted]`` if set, else the recipe YAML's value of the dotted key (or ``None``)."""
     if dotted in given:
@@ -130,6 +113,20 @@ def _recipe_value(yaml_path: Path, given: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def _batch_overrides(yaml_path: Path, world: int, given: dict[str, Any]) -> dict[str, Any]:
+    """Split the recipe's global batch over ``world`` ranks when its micro-batch would not fit (tiny YAMLs
+    use one micro-batch of 32 on one process); an explicit ``step_scheduler.local_batch_size`` wins."""
+    if world <= 1 or "step_scheduler.local_batch_size" in given:
+        return {}
+    global_batch = int(_recipe_value(yaml_path, given, "step_scheduler.global_batch_size") or 0)
+    local_batch = int(_recipe_value(yaml_path, {}, "step_scheduler.local_batch_size") or 0)
+    if global_batch and local_batch and local_batch * world > global_batch:
+        if global_batch % world:
+            raise ValueError(f"{yaml_path.name}: global_batch_size {global_batch} does not split over {world} ranks")
+        return {"step_scheduler.local_batch_size": global_batch // world}
+    return {}
 
 
 def _claim_stream(ctx: Context, stream: str) -> int:
