@@ -160,10 +160,10 @@ def test_every_rule_commits_every_position(tiny_model, prompt, rule):
 
 
 def test_dynamic_rules_commit_above_threshold_in_one_step(tiny_model, prompt):
-    """A threshold below every score commits the whole block in the first step."""
+    """A threshold of 0 (below every score) commits the whole block in the first step."""
     for rule in ("low_confidence_dynamic", "margin_dynamic", "entropy_dynamic"):
         _, stats = tiny_model.generate(prompt, max_new_tokens=16, block_size=8, denoising_steps=8,
-                                       remasking_strategy=rule, confidence_threshold=-1.0, return_step_stats=True)
+                                       remasking_strategy=rule, confidence_threshold=0.0, return_step_stats=True)
         assert stats["block_step_counts"] == [1, 1]
 
 

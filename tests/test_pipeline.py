@@ -116,6 +116,16 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     again = run_pipeline(_config(tmp_path, SMOKE_OVERRIDES), tmp_path)
     assert again["pbm"] == outputs["pbm"] and again["swd"] == outputs["swd"]
 
+    # a moved work directory keeps every finished stage: paths inside it are stored relative to it
+    import shutil
+
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved, symlinks=True)
+    assert "{work_dir}" in (moved / "manifest.json").read_text()
+    relocated = run_pipeline(_config(moved, SMOKE_OVERRIDES), moved)
+    assert relocated["pbm"]["b8_dir"] == outputs["pbm"]["b8_dir"].replace(str(tmp_path.resolve()), str(moved.resolve()))
+    assert Path(relocated["pbm"]["b8_dir"]).is_dir()
+
     # a KD sweep retrains the distilled student only: the no-KD control does not depend on KD settings
     trained = []
 

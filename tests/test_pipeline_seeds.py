@@ -253,3 +253,27 @@ def test_sign_test_and_paired_comparison_against_the_baseline(tmp_path):
     assert c["p_value"] == pytest.approx(sign_test(4, 0))
     text = write_aggregate([tmp_path / "base", tmp_path / "new"], tmp_path).read_text()
     assert "| pbm.complementary=true | pbm_b32 | 0.9 | 10 | 60.0 | 100.0 | 4 | 0 |" in text
+
+
+def test_paired_eval_pools_seeds_and_counts_discordant_records(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_eval", REPO_ROOT / "benchmarks" / "paired_eval.py")
+    paired_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired_eval)
+
+    def write(directory, correct, tpf):
+        directory.mkdir(parents=True)
+        (directory / "pbm_b32@0.9.json").write_text(json.dumps(
+            {"correct": correct, "accuracy": sum(correct) / len(correct), "tokens_per_forward": tpf}))
+
+    write(tmp_path / "b0", [1, 1, 0, 0], 10.0)
+    write(tmp_path / "b1", [1, 0, 1, 1], 12.0)
+    write(tmp_path / "n0", [1, 1, 1, 1], 11.0)
+    write(tmp_path / "n1", [0, 1, 1, 1], 13.0)
+    (row,) = paired_eval.compare([str(tmp_path / "b0"), str(tmp_path / "b1")], [str(tmp_path / "n0"), str(tmp_path / "n1")])
+    assert (row["n"], row["won"], row["lost"]) == (8, 3, 1)
+    assert row["base"] == [50.0, 75.0] and row["new"] == [100.0, 75.0]
+    assert row["tpf_base"] == 11.0 and row["tpf_new"] == 12.0
+    assert row["p"] == pytest.approx(0.625)
+    assert "| pbm_b32@0.9 | 8 |" in paired_eval.render([row])

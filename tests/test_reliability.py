@@ -73,6 +73,90 @@ def test_bad_records_are_counted_skips_with_their_reason(tiny_processor, image_p
     assert reason in why, (case, why)
 
 
+def _collator(kind, processor):
+    return BardVLCollator(processor=processor, block_size=4) if kind == "diffusion" else ARChatCollator(processor)
+
+
+@pytest.fixture(scope="module")
+def video_path(tmp_path_factory):
+    """A real 8-frame H.264 MP4 (64x64, 4 fps) written with PyAV."""
+    import av
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(8):
+            frame = np.full((64, 64, 3), 30 * i, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+MEDIA_SKIP_CASES = [
+    ("huge image file", lambda tmp: _huge_png(tmp), "megapixels"),
+    ("max_pixels not a number", lambda tmp: {"max_pixels": "lots"}, "max_pixels must be a positive integer"),
+    ("min_pixels above max_pixels", lambda tmp: {"min_pixels": 10**6, "max_pixels": 10**4}, "is above max_pixels"),
+    ("extreme aspect ratio", lambda tmp: {"resized_height": 32, "resized_width": 32 * 300}, "cannot resize"),
+]
+
+
+def _huge_png(tmp):
+    path = tmp / "huge.png"
+    if not path.exists():
+        Image.new("L", (9000, 9000)).save(path)  # 81 megapixels in ~80 KB
+    return {"image": str(path)}
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+@pytest.mark.parametrize("case, item, reason", MEDIA_SKIP_CASES, ids=[c[0] for c in MEDIA_SKIP_CASES])
+def test_bad_media_items_are_counted_skips(tiny_processor, image_path, tmp_path_factory, kind, case, item, reason):
+    tmp = tmp_path_factory.mktemp("media")
+    record = _chat([{"type": "image", "image": image_path, **item(tmp)}, {"type": "text", "text": "what?"}])
+    start = time.perf_counter()
+    batch = _collator(kind, tiny_processor)([record, _with_image(image_path)])
+    assert batch["num_skipped"] == 1 and reason in batch["skipped"][0][1], (case, batch["skipped"])
+    assert time.perf_counter() - start < 5, "the huge image was decoded"
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_per_image_pixel_limits_are_applied(tiny_processor, tmp_path, kind):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (256, 256), (10, 200, 10)).save(big)
+    collator = _collator(kind, tiny_processor)
+
+    def grid(**keys):
+        batch = collator([_chat([{"type": "image", "image": str(big), **keys}, {"type": "text", "text": "?"}])])
+        assert batch["num_samples"] == 1, batch["skipped"]
+        return batch["image_grid_thw"][0].tolist()
+
+    factor = tiny_processor.image_processor.patch_size * tiny_processor.image_processor.merge_size
+    full = grid()
+    capped = grid(max_pixels=64 * 64)
+    exact = grid(resized_height=2 * factor, resized_width=3 * factor)
+    assert full[1] * full[2] > capped[1] * capped[2]
+    assert capped[1] * capped[2] * tiny_processor.image_processor.patch_size ** 2 <= 64 * 64
+    assert exact == [1, 2 * tiny_processor.image_processor.merge_size, 3 * tiny_processor.image_processor.merge_size]
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_video_files_are_decoded(tiny_processor, video_path, kind):
+    collator = _collator(kind, tiny_processor)
+    record = _chat([{"type": "video", "video": video_path, "fps": 2.0}, {"type": "text", "text": "what happens?"}])
+    batch = collator([record])
+    assert batch["num_samples"] == 1, batch["skipped"]
+    frames = batch["video_grid_thw"][0].tolist()[0]
+    assert frames >= 1 and batch["pixel_values_videos"].shape[0] > 0
+    broken = Path(video_path).with_name("broken.mp4")
+    broken.write_bytes(b"not a video at all")
+    batch = collator([_chat([{"type": "video", "video": str(broken)}, {"type": "text", "text": "?"}]), record])
+    assert batch["num_skipped"] == 1 and "unreadable video file" in batch["skipped"][0][1]
+
+
 @pytest.mark.parametrize("kind", ["diffusion", "ar"])
 def test_too_long_records_are_skipped_or_cut(tiny_processor, kind):
     long_prompt = _chat("word " * 400)
@@ -274,3 +358,168 @@ def test_generate_refuses_inconsistent_inputs(tiny_model_dir, tiny_processor, im
     bad = {k: v for k, v in corrupt(batch).items() if not k.startswith("_")}
     with pytest.raises(ValueError, match=message):
         model.generate(bad, max_new_tokens=4, block_size=4)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def _pickle_only(d):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in d.glob("*.safetensors"):
+        weights.update(load_file(f))
+        f.unlink()
+    for f in d.glob("*.safetensors.index.json"):
+        f.unlink()
+    torch.save(weights, d / "pytorch_model.bin")
+
+
+def _llama_config(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _truncate_weights(d):
+    f = sorted(d.glob("*.safetensors"))[0]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_header(d):
+    f = sorted(d.glob("*.safetensors"))[0]
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\x00" * 64)
+
+
+LOAD_CASES = [
+    ("pickle weights only", _pickle_only, ValueError, "holds only pickle weights"),
+    ("config of another model type", _llama_config, ValueError, "model_type 'llama'"),
+    ("truncated safetensors file", _truncate_weights, OSError, r"\.safetensors: cannot read"),
+    ("safetensors file with a garbage header", _garbage_header, OSError, r"\.safetensors: cannot read"),
+]
+
+
+@pytest.mark.parametrize("case, corrupt, error, message", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
+def test_from_pretrained_refuses_unsafe_or_broken_directories(tiny_model_dir, tmp_path, case, corrupt, error, message):
+    import torch
+
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+
+    d = _copy_model(tiny_model_dir, tmp_path / "model")
+    corrupt(d)
+    with pytest.raises(error, match=message):
+        BardVLForConditionalGeneration.from_pretrained(str(d), dtype=torch.float32)
+
+
+def test_pickle_weights_load_only_when_asked(tiny_model_dir, tmp_path):
+    import torch
+
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+
+    reference = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    d = _copy_model(tiny_model_dir, tmp_path / "model")
+    _pickle_only(d)
+    loaded = BardVLForConditionalGeneration.from_pretrained(str(d), dtype=torch.float32, use_safetensors=False)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_confidence_threshold_outside_the_unit_interval_is_refused(tiny_model_dir, threshold):
+    import torch
+
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+
+    model = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
+        model.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens=4, block_size=4,
+                       confidence_threshold=threshold)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _drop_optimizer_index(checkpoint):
+    (checkpoint / "optim" / ".metadata").unlink()
+
+
+def _truncate_model_shard(checkpoint):
+    shard = sorted((checkpoint / "model").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _drop_scheduler_state(checkpoint):
+    (checkpoint / "step_scheduler.pt").unlink()
+
+
+@pytest.mark.parametrize("damage", [_drop_optimizer_index, _truncate_model_shard, _drop_scheduler_state],
+                         ids=["optimizer index missing", "model shard truncated", "scheduler state missing"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, damage):
+    """The latest checkpoint is damaged although no interrupted-save marker says so: the resume skips it for the
+    previous one, trains the lost steps again and ends with the uninterrupted run's weights."""
+    import torch
+
+    from helpers import QUICK_RECIPE, read_jsonl, read_weights
+    from nemo_automodel_bard.recipes.common import run_recipe
+
+    pbm = ROOT / "recipes" / "tiny" / "pbm_b2.yaml"
+    common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=6",
+              *QUICK_RECIPE, "--step_scheduler.ckpt_every_steps=2"]
+    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
+    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}", "--bard.stop_after_steps=4"])
+    latest = tmp_path / "b" / "epoch_0_step_3"
+    assert latest.is_dir() and (tmp_path / "b" / "epoch_0_step_1").is_dir()
+    damage(latest)
+    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"])
+    a, b = read_weights(tmp_path / "a" / "final"), read_weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "b" / "training.jsonl")}
+    assert [losses[s] for s in range(6)] == [r["loss"] for r in read_jsonl(tmp_path / "a" / "training.jsonl")]
+
+
+_KILL_DURING_SAVE_CHILD = r"""
+import os, signal, sys
+from nemo_automodel.components.checkpoint.checkpointing import Checkpointer
+from nemo_automodel_bard.recipes.common import run_recipe
+
+save_optimizer = Checkpointer.save_optimizer
+
+def save_then_die(self, *args, **kwargs):  # the model shards of step 3 are on disk, the optimizer's are not
+    if any("step_3" in str(a) for a in list(args) + list(kwargs.values())):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_optimizer(self, *args, **kwargs)
+
+Checkpointer.save_optimizer = save_then_die
+run_recipe(sys.argv[1], sys.argv[2:])
+"""
+
+
+def test_kill_during_a_checkpoint_save_resumes_bit_identically(tiny_model_dir, tmp_path):
+    """SIGKILL in the middle of writing the step-3 checkpoint (model written, optimizer not): the same command
+    resumes from the step-1 checkpoint and ends with the uninterrupted run's weights and a complete log."""
+    import torch
+
+    from helpers import QUICK_RECIPE, read_jsonl, read_weights
+    from nemo_automodel_bard.recipes.common import run_recipe
+
+    pbm = str(ROOT / "recipes" / "tiny" / "pbm_b2.yaml")
+    common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=6",
+              *QUICK_RECIPE, "--step_scheduler.ckpt_every_steps=2"]
+    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE_CHILD, pbm, *common,
+                            f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"], env=env, capture_output=True,
+                           timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert (tmp_path / "b" / "epoch_0_step_1").is_dir() and not (tmp_path / "b" / "final").exists()
+    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"])
+    a, b = read_weights(tmp_path / "a" / "final"), read_weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "b" / "training.jsonl")}
+    assert [losses[s] for s in range(6)] == [r["loss"] for r in read_jsonl(tmp_path / "a" / "training.jsonl")]

@@ -40,3 +40,25 @@ def test_swd_beats_its_control_only_when_it_dominates():
         results = [AR, _r("swd_kd_b16", kd_acc, kd_tpf, 16), _r("swd_ce_b16", ce_acc, ce_tpf, 16)]
         (met,) = [m for text, _, m in check_targets(results, 0.9) if text.startswith("SWD")]
         assert met is expected, (kd_acc, kd_tpf, ce_acc, ce_tpf)
+
+
+def test_run_time_counts_only_the_stages_this_run_used(tmp_path):
+    """A stage another configuration left in the manifest (here an SWD anchor a later run no longer trains) and
+    other output directories' evaluations are not part of this run's time."""
+    from types import SimpleNamespace
+
+    from nemo_automodel_bard.pipeline.manifest import Manifest
+    from nemo_automodel_bard.pipeline.report import run_stage_seconds
+
+    manifest = Manifest(tmp_path)
+    manifest.record("pbm_b4", "k1", {"model_dir": str(tmp_path / "b4"), "log_dir": str(tmp_path / "b4log")}, 100.0)
+    manifest.record("swd_anchor_b4", "k2", {"model_dir": str(tmp_path / "anchor")}, 120.0)  # stale
+    manifest.record("swd_ce_b32", "k3", {"model_dir": str(tmp_path / "ce")}, 50.0)
+    manifest.record(f"evaluate:{tmp_path / 'out'}:pbm_b4@0.9", "k4", {"result_file": "x"}, 2.0)
+    manifest.record(f"evaluate:{tmp_path / 'other'}:pbm_b4@0.9", "k5", {"result_file": "y"}, 3.0)
+    outputs = {"pbm": {"b4_dir": str(tmp_path / "b4"), "b4_log": str(tmp_path / "b4log")},
+               "swd": {"anchor_dir": str(tmp_path / "b4"), "ce_b32_dir": str(tmp_path / "ce")}}
+    ctx = SimpleNamespace(manifest=manifest, outputs=outputs, output_dir=tmp_path / "out")
+    seconds = run_stage_seconds(ctx)
+    assert sorted(seconds) == sorted(["pbm_b4", "swd_ce_b32", f"evaluate:{tmp_path / 'out'}:pbm_b4@0.9"])
+    assert sum(seconds.values()) == 152.0

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -27,7 +26,9 @@ from nemo_automodel_bard.data.collator import (
     check_answer_tokens,
     check_media_placeholders,
     check_prompt_placeholders,
-    load_image,
+    load_image_item,
+    load_video_item,
+    processor_video_kwargs,
     qwen3_vl_rope_index,
 )
 
@@ -111,6 +112,8 @@ class ARChatCollator:
         self.image_token_id = int(getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids("<|image_pad|>"))
         self.video_token_id = int(getattr(processor, "video_token_id", None) or tok.convert_tokens_to_ids("<|video_pad|>"))
         self.merge = int(getattr(processor.image_processor, "merge_size", 2) or 2)
+        self._patch_size = int(getattr(processor.image_processor, "patch_size", 16) or 16)
+        self._media_factor = self._patch_size * self.merge
         vision = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
         self._answer_special_ids = answer_special_ids(tok, [self.image_token_id, self.video_token_id, self.im_end_id,
                                                             *vision])
@@ -121,14 +124,8 @@ class ARChatCollator:
         self.epoch = int(epoch)
 
     # ------------------------------------------------------------------ one record
-    def _media_ref(self, ref: Any) -> Any:
-        if isinstance(ref, str) and self.image_root is not None and not os.path.isabs(os.path.expanduser(ref)):
-            if not ref.startswith(("http://", "https://", "data:", "file://")):
-                return os.path.join(self.image_root, ref)
-        return ref
-
-    def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]:
-        rendered, images, videos = [], [], []
+    def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list, list, list, list]:
+        rendered, images, videos, video_metadata = [], [], [], []
         for i, msg in enumerate(messages):
             if not isinstance(msg, Mapping) or msg.get("role") not in _ROLES:
                 raise _Skip(f"message {i} is not a {{'role', 'content'}} dict with a known role")
@@ -142,26 +139,17 @@ class ARChatCollator:
             for item in content:
                 kind = _kind(item)
                 if kind == "image":
-                    ref = item.get("image") if item.get("image") is not None else item.get("image_url")
-                    if isinstance(ref, Mapping) and "url" in ref:
-                        ref = ref["url"]
-                    try:
-                        images.append(load_image(ref, self.image_root))
-                    except Exception as exc:  # the data collator's SampleSkipped, PIL errors
-                        raise _Skip(str(getattr(exc, "reason", exc))) from None
+                    images.append(load_image_item(item, self.image_root, self._media_factor))
                     items.append({"type": "image"})
                 elif kind == "video":
-                    ref = item.get("video")
-                    if isinstance(ref, (list, tuple)):
-                        ref = [load_image(frame, self.image_root) for frame in ref]
-                    else:
-                        ref = self._media_ref(ref)
-                    videos.append(ref)
+                    video, metadata = load_video_item(item, self.image_root, self._patch_size, self._media_factor)
+                    videos.append(video)
+                    video_metadata.append(metadata)
                     items.append({"type": "video"})
                 else:
                     items.append({"type": "text", "text": str(item.get("text") or "")})
             rendered.append({"role": msg["role"], "content": items})
-        return rendered, images, videos
+        return rendered, images, videos, video_metadata
 
     def _response(self, message: Mapping[str, Any]) -> str:
         content = message.get("content")
@@ -191,12 +179,13 @@ class ARChatCollator:
             raise _Skip("no assistant turn")
         turn = turns[-1]
         text = self._response(messages[turn])
-        rendered, images, videos = self._render(messages[:turn])
+        rendered, images, videos, video_metadata = self._render(messages[:turn])
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         prompt_text = owner.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
         check_prompt_placeholders(prompt_text, self.processor, len(images), len(videos))
         try:
-            out = self.processor(text=[prompt_text], images=images or None, videos=videos or None, return_tensors="pt")
+            out = self.processor(text=[prompt_text], images=images or None, videos=videos or None, return_tensors="pt",
+                                 **processor_video_kwargs(video_metadata))
         except Exception as exc:
             raise _Skip(f"processor failed: {type(exc).__name__}: {exc}") from None
         check_media_placeholders(out, self.image_token_id, self.video_token_id, len(images), len(videos), self.merge)

@@ -67,6 +67,13 @@ __all__ = ["BardVLCollator", "SampleSkipped", "load_image", "qwen3_vl_rope_index
 
 _ROLES = ("system", "user", "assistant")
 _PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+#: a content item's own size keys (Qwen-VL's): an exact size, or bounds on the area
+ITEM_SIZE_KEYS = ("resized_height", "resized_width", "min_pixels", "max_pixels")
+#: a video item's sampling keys passed to qwen-vl-utils (besides the size keys)
+VIDEO_OPTION_KEYS = (*ITEM_SIZE_KEYS, "fps", "nframes", "min_frames", "max_frames", "video_start", "video_end",
+                     "total_pixels")
+#: images larger than this are skipped before decoding (an 81-megapixel PNG costs seconds and gigabytes)
+MAX_SOURCE_PIXELS = 50_000_000
 #: Qwen3-VL mask row, used when neither the tokenizer nor a config names a mask token.
 _QWEN3_VL_MASK_TOKEN_ID = 151671
 
@@ -186,7 +193,10 @@ def load_image(ref: Any, image_root: Optional[str] = None):
     if isinstance(ref, (bytes, bytearray, memoryview)):
         try:
             img = Image.open(io.BytesIO(bytes(ref)))
+            _check_source_pixels(img, "inline image")
             img.load()
+        except SampleSkipped:
+            raise
         except Exception as exc:  # PIL raises many types
             raise SampleSkipped(f"unreadable inline image bytes ({type(exc).__name__}: {exc})") from None
         return img.convert("RGB")
@@ -202,8 +212,11 @@ def load_image(ref: Any, image_root: Optional[str] = None):
             raise SampleSkipped(f"image file not found: {str(path)!r}")
         try:
             with Image.open(path) as img:
+                _check_source_pixels(img, f"image file {str(path)!r}")
                 img.load()
                 return img.convert("RGB")
+        except SampleSkipped:
+            raise
         except Exception as exc:
             raise SampleSkipped(f"unreadable image file {str(path)!r} ({type(exc).__name__}: {exc})") from None
     if hasattr(ref, "__array__"):
@@ -216,18 +229,94 @@ def load_image(ref: Any, image_root: Optional[str] = None):
     raise SampleSkipped(f"unsupported image reference of type {type(ref).__name__}")
 
 
-def _load_video(ref: Any, image_root: Optional[str]) -> Any:
-    """A video as a list of PIL frames, or a resolved file path the video processor loads itself."""
+def _check_source_pixels(img: Any, what: str) -> None:
+    """Skip an image whose header announces more than :data:`MAX_SOURCE_PIXELS` pixels, before decoding it."""
+    width, height = img.size
+    if width * height > MAX_SOURCE_PIXELS:
+        raise SampleSkipped(f"{what} is {width}x{height} = {width * height / 1e6:.0f} megapixels, above the "
+                            f"{MAX_SOURCE_PIXELS / 1e6:.0f}-megapixel limit of the data loader (downscale it first)")
+
+
+def _positive_int(item: Mapping[str, Any], key: str) -> Optional[int]:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or int(value) != value:
+        raise SampleSkipped(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def resize_to_item_limits(image: Any, item: Mapping[str, Any], factor: int) -> Any:
+    """Apply a content item's own Qwen-VL size keys to one PIL image: ``resized_height`` + ``resized_width``
+    (an exact size, rounded to ``factor``), else ``min_pixels`` / ``max_pixels`` (the area kept within those
+    bounds, aspect ratio kept, sides multiples of ``factor`` = patch size x merge size). An item without these
+    keys is returned unchanged: the processor then applies its own limits."""
+    from qwen_vl_utils.vision_process import smart_resize
+
+    limits = {key: _positive_int(item, key) for key in ITEM_SIZE_KEYS}
+    if all(value is None for value in limits.values()):
+        return image
+    width, height = image.size
+    try:
+        if limits["resized_height"] is not None and limits["resized_width"] is not None:
+            new_h, new_w = smart_resize(limits["resized_height"], limits["resized_width"], factor=factor)
+        else:
+            low = limits["min_pixels"] or factor * factor
+            high = limits["max_pixels"] or max(width * height, low)
+            if low > high:
+                raise SampleSkipped(f"min_pixels {low} is above max_pixels {high}")
+            new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
+    except SampleSkipped:
+        raise
+    except ValueError as exc:  # e.g. an aspect ratio above Qwen-VL's 200:1
+        raise SampleSkipped(f"cannot resize a {width}x{height} image to the item's limits: {exc}") from None
+    return image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample=3)  # bicubic
+
+
+def load_image_item(item: Mapping[str, Any], image_root: Optional[str], factor: int) -> Any:
+    """The PIL image of an ``{"type": "image", "image" | "image_url": ...}`` content item, resized to the item's
+    own size keys (see :func:`resize_to_item_limits`)."""
+    ref = item.get("image") if _present(item, "image") else item.get("image_url")
+    if isinstance(ref, Mapping) and "url" in ref:  # OpenAI-style {"image_url": {"url": ...}}
+        ref = ref["url"]
+    return resize_to_item_limits(load_image(ref, image_root), item, factor)
+
+
+def load_video_item(item: Mapping[str, Any], image_root: Optional[str], patch_size: int,
+                    factor: int) -> tuple[Any, Optional[dict[str, Any]]]:
+    """A video content item as ``(video, metadata)``: a list of frames (each a PIL image, resized to the item's
+    size keys; metadata ``None``), or a video file decoded by qwen-vl-utils (decord, or torchcodec when
+    installed; frames sampled by the item's ``fps`` / ``nframes`` / ``video_start`` / ``video_end`` and sized by
+    its pixel keys) as a ``[frames, 3, H, W]`` float tensor with its metadata (source fps, frame indices)."""
+    ref = item.get("video")
     if isinstance(ref, (list, tuple)):
         if not ref:
             raise SampleSkipped("video has no frames")
-        return [load_image(frame, image_root) for frame in ref]
-    if isinstance(ref, str):
-        path = _resolve_path(ref, image_root)
-        if not path.is_file():
-            raise SampleSkipped(f"video file not found: {str(path)!r}")
-        return str(path)
-    raise SampleSkipped(f"unsupported video reference of type {type(ref).__name__}")
+        return [resize_to_item_limits(load_image(frame, image_root), item, factor) for frame in ref], None
+    if not isinstance(ref, str):
+        raise SampleSkipped(f"unsupported video reference of type {type(ref).__name__}")
+    path = _resolve_path(ref, image_root)
+    if not path.is_file():
+        raise SampleSkipped(f"video file not found: {str(path)!r}")
+    from qwen_vl_utils import fetch_video
+
+    options = {key: item[key] for key in VIDEO_OPTION_KEYS if _present(item, key)}
+    try:
+        video, metadata = fetch_video({"video": str(path), **options}, image_patch_size=patch_size,
+                                      return_video_metadata=True)
+    except Exception as exc:  # decoder errors: not a video, truncated file, unsupported codec
+        raise SampleSkipped(f"unreadable video file {str(path)!r} ({type(exc).__name__}: {exc})") from None
+    return video, metadata
+
+
+def processor_video_kwargs(metadata: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
+    """Processor keyword arguments for videos loaded by :func:`load_video_item`: decoded files carry their
+    sampling metadata (timestamps) and must not be sampled again; frame lists pass nothing."""
+    if not metadata or all(m is None for m in metadata):
+        return {}
+    if any(m is None for m in metadata):
+        raise SampleSkipped("a sample mixes video files and frame lists; use one kind per sample")
+    return {"video_metadata": list(metadata), "do_sample_frames": False}
 
 
 # ------------------------------------------------------------------------------------------------ rope
@@ -443,6 +532,8 @@ class BardVLCollator:
             tokenizer, [*vision_ids, self.mask_token_id, self.im_end_id, self.pad_block_token_id])
         image_processor = getattr(processor, "image_processor", None)
         self.spatial_merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
+        self._patch_size = int(getattr(image_processor, "patch_size", 16) or 16)
+        self._media_factor = self._patch_size * self.spatial_merge_size
         self._rope = _RopeIndexer(self.spatial_merge_size)
 
         self.substitution_ids: Optional[torch.Tensor] = None
@@ -540,7 +631,7 @@ class BardVLCollator:
     def _prompt_inputs(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Render and process the prompt (every image/video processed once). Returns the processor
         output: ``input_ids [1, P]``, ``mm_token_type_ids [1, P]`` and the pixel inputs."""
-        rendered, images, videos = [], [], []
+        rendered, images, videos, video_metadata = [], [], [], []
         for msg in messages:
             content = msg["content"]
             if isinstance(content, str):
@@ -550,13 +641,12 @@ class BardVLCollator:
             for item in content:
                 kind = _item_kind(item)
                 if kind == "image":
-                    ref = item.get("image") if _present(item, "image") else item.get("image_url")
-                    if isinstance(ref, Mapping) and "url" in ref:  # OpenAI-style {"image_url": {"url": ...}}
-                        ref = ref["url"]
-                    images.append(load_image(ref, self.image_root))
+                    images.append(load_image_item(item, self.image_root, self._media_factor))
                     items.append({"type": "image"})
                 elif kind == "video":
-                    videos.append(_load_video(item.get("video"), self.image_root))
+                    video, metadata = load_video_item(item, self.image_root, self._patch_size, self._media_factor)
+                    videos.append(video)
+                    video_metadata.append(metadata)
                     items.append({"type": "video"})
                 else:
                     items.append({"type": "text", "text": str(item.get("text") or "")})
@@ -572,6 +662,7 @@ class BardVLCollator:
                 images=images or None,
                 videos=videos or None,
                 return_tensors="pt",
+                **processor_video_kwargs(video_metadata),
             )
         except SampleSkipped:
             raise

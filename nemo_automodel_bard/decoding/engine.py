@@ -84,8 +84,9 @@ class DecodingOptions:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.top_p is None or not 0 < float(self.top_p) <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
-        if self.confidence_threshold is None or not math.isfinite(float(self.confidence_threshold)):
-            raise ValueError(f"confidence_threshold must be a finite number, got {self.confidence_threshold!r}")
+        if self.confidence_threshold is None or not 0.0 <= float(self.confidence_threshold) <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1] (scores are probabilities; 1 commits only the "
+                             f"scheduled minimum), got {self.confidence_threshold!r}")
         if self.revision_threshold is None or not math.isfinite(float(self.revision_threshold)):
             raise ValueError(f"revision_threshold must be a finite number, got {self.revision_threshold!r}")
         if isinstance(self.max_revision_steps, bool) or not isinstance(self.max_revision_steps, int) or self.max_revision_steps < 0:

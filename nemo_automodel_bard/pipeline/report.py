@@ -171,6 +171,34 @@ def _plots(ctx: Any, results: list[dict[str, Any]], out_dir: Path) -> list[Path]
     return written
 
 
+def _strings(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(_strings(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_strings(v) for v in value)) if value else set()
+    return set()
+
+
+def run_stage_seconds(ctx: Any) -> dict[str, float]:
+    """Wall seconds of the stages this run used: training stages whose outputs this run's stages returned (a
+    stage left in the manifest by another configuration, e.g. an anchor a later run no longer trains, is not
+    counted) and the evaluations written to this run's output directory."""
+    used = _strings(ctx.outputs)
+    own_eval = f"evaluate:{ctx.output_dir}:"
+    out: dict[str, float] = {}
+    for name, entry in ctx.manifest.entries.items():
+        if not isinstance(entry, dict) or "seconds" not in entry or name.startswith("stage:"):
+            continue
+        if name.startswith("evaluate:"):
+            if name.startswith(own_eval):
+                out[name] = entry["seconds"]
+        elif _strings(entry.get("outputs", {})) & used:
+            out[name] = entry["seconds"]
+    return out
+
+
 def write_report(ctx: Any) -> dict[str, Any]:
     """Write ``report.md`` + plots into the output directory; print the table; return paths."""
     results = _load_entries(ctx)
@@ -181,10 +209,7 @@ def write_report(ctx: Any) -> dict[str, Any]:
     table = _table(results)
     targets = check_targets(results, default_threshold)
     plots = _plots(ctx, results, out_dir)
-    # this run's stages (evaluations of other output directories, e.g. other sweep jobs, excluded)
-    own_eval = f"evaluate:{ctx.output_dir}:"
-    seconds = {k: v.get("seconds") for k, v in ctx.manifest.entries.items() if isinstance(v, dict) and "seconds" in v
-               and (not k.startswith("evaluate:") or k.startswith(own_eval))}
+    seconds = run_stage_seconds(ctx)
     total = sum(v for v in seconds.values() if v)
     if total:
         targets.append((TARGETS_TEXT["time"], f"{total / 60:.1f} min", total <= PIPELINE_SECONDS_TARGET))

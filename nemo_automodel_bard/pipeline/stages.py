@@ -178,8 +178,9 @@ def _full_overrides(ctx: Context, yaml_path: Path, overrides: dict[str, Any], ex
 def _training_fingerprint(ctx: Context, yaml_path: Path, full: dict[str, Any]) -> str:
     """What produced a trained stage: the recipe (path and content), every override, the launcher, our
     training code, and the numerics (thread count, CPU kernels, library versions)."""
-    return fingerprint({"recipe": str(yaml_path), "recipe_digest": file_digest(yaml_path), "overrides": full,
-                        "launcher": ctx.launcher, "code": code_digest(TRAINING_CODE), "numerics": numerics()})
+    return fingerprint(ctx.manifest.portable({
+        "recipe": f"{yaml_path.parent.name}/{yaml_path.name}", "recipe_digest": file_digest(yaml_path),
+        "overrides": full, "launcher": ctx.launcher, "code": code_digest(TRAINING_CODE), "numerics": numerics()}))
 
 
 def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any],
@@ -234,7 +235,8 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
 
     source = ctx.outputs["ar_pretrain"]["model_path"]
     section = ctx.cfg["ar_init"]
-    key = fingerprint({"source": source, **section, "code": code_digest(TRAINING_CODE), "numerics": numerics()})
+    key = fingerprint(ctx.manifest.portable({"source": source, **section, "code": code_digest(TRAINING_CODE),
+                                             "numerics": numerics()}))
     done = ctx.manifest.finished("ar_init", key)
     if done is not None:
         return done
@@ -442,8 +444,9 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             path = results_dir / f"{tag}.json"
             # the device changes how fast, not what is decoded (up to float rounding): not in the key
             settings = {k: v for k, v in section.items() if k != "device"}
-            key = fingerprint({"model": model_dir, "threshold": threshold, **settings, "data": ctx.cfg["data"],
-                               "code": code_digest(EVALUATION_CODE), "numerics": numerics()})
+            key = fingerprint(ctx.manifest.portable({
+                "model": model_dir, "threshold": threshold, **settings, "data": ctx.cfg["data"],
+                "code": code_digest(EVALUATION_CODE), "numerics": numerics()}))
             done = ctx.manifest.finished(f"evaluate:{ctx.output_dir}:{tag}", key)
             if done is None:
                 print(f"[bard-vl] evaluate {tag} on {len(records)} held-out samples", flush=True)

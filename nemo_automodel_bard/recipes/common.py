@@ -91,6 +91,39 @@ MERGER_PATTERN = r"(^|\.)visual\.(merger|deepstack_merger_list)\."
 VISION_PATTERN = r"(^|\.)visual\."
 
 
+
+_STEP_RE = re.compile(r"step_(\d+)$")
+
+
+def _checkpoint_step(path: Path) -> int:
+    match = _STEP_RE.search(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _set_aside(checkpoint: Path) -> Path:
+    """Rename a checkpoint that cannot be resumed to ``<name>.unreadable-<time>`` (kept for inspection; its
+    step can then be checkpointed again). Only the first rank renames."""
+    kept = checkpoint.with_name(f"{checkpoint.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    if int(os.environ.get("RANK", "0")) == 0 and checkpoint.is_dir():
+        os.rename(checkpoint, kept)
+    return kept
+
+
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """What makes a checkpoint directory unresumable at a glance (``None``: nothing found): the model and
+    optimizer shards with their ``.metadata`` index and the scheduler state must be there."""
+    if not checkpoint.is_dir():
+        return "not a directory"
+    for part in ("model", "optim"):
+        if not (checkpoint / part).is_dir():
+            return f"{part}/ is missing"
+        if not (checkpoint / part / ".metadata").is_file() and not any((checkpoint / part).glob("*.safetensors")):
+            return f"{part}/.metadata is missing"
+    if not (checkpoint / "step_scheduler.pt").is_file():
+        return "step_scheduler.pt is missing"
+    return None
+
+
 class RecipeConfigError(ValueError):
     """A recipe YAML is missing a key or sets one to an unusable value."""
 
@@ -621,6 +654,44 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             torch.cuda.reset_peak_memory_stats()
 
     # ------------------------------------------------------------------ checkpoint / export
+    def load_checkpoint(self, restore_from: str | None = None) -> None:
+        """NeMo's resume, made robust to a damaged checkpoint: when resuming automatically (no
+        ``checkpoint.restore_from``), a latest checkpoint that cannot be read -- files missing or corrupt although
+        no interrupted-save marker says so -- is reported, renamed aside (``<name>.unreadable-<time>``) and the next
+        older one is resumed (the steps after it are trained again, exactly as before). When no checkpoint can be
+        read, the run stops with each one's problem and nothing is renamed."""
+        if restore_from or not self.checkpointer.config.enabled:
+            return super().load_checkpoint(restore_from)
+        from nemo_automodel.components.checkpoint.utils import (
+            find_latest_checkpoint,
+            is_checkpoint_incomplete,
+            list_automodel_checkpoints,
+        )
+
+        root = Path(self.checkpointer.config.checkpoint_dir)
+        latest = find_latest_checkpoint(root)
+        if latest is None:
+            return super().load_checkpoint(None)
+        latest = Path(str(latest))
+        older = [c for c in reversed(list_automodel_checkpoints(root))
+                 if not is_checkpoint_incomplete(c) and _checkpoint_step(c) < _checkpoint_step(latest)]
+        failures: list[tuple[Path, str]] = []
+        for candidate in [latest, *older]:
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                try:  # the latest one through NeMo's own choice (it skips an incompatible model config)
+                    super().load_checkpoint(None if candidate == latest else str(candidate))
+                except Exception as exc:  # noqa: BLE001 - unreadable state: try the previous checkpoint
+                    problem = f"{type(exc).__name__}: {exc}"
+            if problem is None:
+                for failed, why in failures:
+                    logger.warning("checkpoint %s cannot be resumed (%s); kept as %s, resumed from %s instead",
+                                   failed, why, _set_aside(failed), candidate)
+                return None
+            failures.append((candidate, problem))
+        listing = "; ".join(f"{path.name}: {why}" for path, why in failures)
+        raise RuntimeError(f"no checkpoint under {root} can be resumed ({listing}); move them away to start over")
+
     def save_checkpoint(self, epoch: int, step: int, train_loss: float, val_loss: Optional[dict] = None,
                         best_metric_key: str = "default") -> None:  # fmt: skip
         # the logs up to this step reach the disk with the checkpoint: a run killed later and resumed from

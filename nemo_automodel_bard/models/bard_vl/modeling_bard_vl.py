@@ -46,6 +46,44 @@ AttentionInterface.register(FLEX_ATTENTION_NAME, flex_attention_forward)
 
 
 
+#: ``config.json`` model types a Bard-VL directory may hold (a Qwen3-VL checkpoint is relabelled on load)
+LOADABLE_MODEL_TYPES = ("bard_vl", "qwen3_vl")
+
+
+def _weight_files(model_dir: Any) -> str:
+    from pathlib import Path
+
+    files = sorted(Path(str(model_dir)).glob("*.safetensors"))
+    return ", ".join(str(f) for f in files) or str(model_dir)
+
+
+def check_model_dir(model_dir: Any, allow_pickle: bool = False) -> None:
+    """Check a local model directory before loading: its ``config.json`` names a Qwen3-VL or Bard-VL model and
+    it holds safetensors weights (pickle ``*.bin`` files are refused unless ``allow_pickle``). Hub ids and
+    other non-directories pass through unchanged. Raises ``ValueError`` naming the file."""
+    import json
+    from pathlib import Path
+
+    path = Path(str(model_dir))
+    if not path.is_dir():
+        return
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{config_file}: not a JSON object ({exc})") from exc
+        if model_type not in LOADABLE_MODEL_TYPES:
+            raise ValueError(f"{config_file}: model_type {model_type!r} is not a Bard-VL or Qwen3-VL model "
+                             f"(expected one of {list(LOADABLE_MODEL_TYPES)})")
+    has_safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if not has_safetensors and pickles and not allow_pickle:
+        raise ValueError(f"{path}: holds only pickle weights ({', '.join(pickles)}); Bard-VL loads safetensors "
+                         "only. Convert them (e.g. load them once in a trusted environment and save_pretrained), or "
+                         "pass use_safetensors=False to accept pickle files you trust")
+
+
 class BardVLTextModel(Qwen3VLTextModel):
     """Qwen3-VL text tower bound to :class:`BardVLTextConfig` (same modules and parameter names)."""
 
@@ -176,9 +214,22 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> "BardVLForConditionalGeneration":
         """Load a Bard-VL (or relabelled Qwen3-VL) directory; ``attn_implementation='flex_attention'``
-        selects FlexAttention for the text tower and SDPA for the vision tower."""
+        selects FlexAttention for the text tower and SDPA for the vision tower.
+
+        Weights load from safetensors only (``use_safetensors=False`` opts into pickle files), and a local
+        directory must hold a Qwen3-VL or Bard-VL ``config.json``; both are checked before any weight is read,
+        and an unreadable weight file is reported by name."""
         cls._normalize_attn_implementation(kwargs)
-        return super().from_pretrained(*args, **kwargs)
+        kwargs.setdefault("use_safetensors", True)
+        if args and kwargs.get("config") is None:
+            check_model_dir(args[0], allow_pickle=kwargs["use_safetensors"] is False)
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except Exception as exc:  # a truncated or corrupt safetensors file: say which one
+            if type(exc).__name__ != "SafetensorError" or not args:
+                raise
+            raise OSError(f"{_weight_files(args[0])}: cannot read the safetensors weights ({exc}); the file is "
+                          "truncated or corrupt -- copy or export it again") from exc
 
     def tie_weights(self, missing_keys: set | None = None, recompute_mapping: bool = True, **kwargs: Any) -> None:
         """Tie ``lm_head`` to the text embedding (NeMo's rule) and, while loading, drop the tied head from
@@ -386,4 +437,4 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
 
         return bard_generate(self, inputs, *args, **kwargs)
 
-__all__ = ["BardVLForConditionalGeneration", "BardVLTextModel", "FLEX_ATTENTION_NAME", "LinearPatchEmbed", "use_linear_patch_embed", "bidirectional_padding_mask", "check_attention_inputs"]
+__all__ = ["BardVLForConditionalGeneration", "BardVLTextModel", "FLEX_ATTENTION_NAME", "LinearPatchEmbed", "use_linear_patch_embed", "bidirectional_padding_mask", "check_attention_inputs", "check_model_dir", "LOADABLE_MODEL_TYPES"]
