@@ -280,3 +280,30 @@ def test_revision_keeps_batch_samples_independent(tiny_model, tiny_processor):
     alone1, _ = tiny_model.generate(singles[1], **kwargs)
     assert torch.equal(out[0, : alone0.shape[1]], alone0[0])
     assert torch.equal(out[1, : alone1.shape[1]], alone1[0])
+
+
+def test_budget_rule_bounds_the_summed_doubt_of_a_step():
+    """``*_budget`` commits the best positions while sum(1 - score) <= 1 - threshold (and at least k)."""
+    score = torch.tensor([[0.95, 0.95, 0.95, 0.2], [0.99, 0.97, 0.5, 0.999], [0.3, 0.2, 0.1, 0.05]])
+    masked = torch.tensor([[True, True, True, True], [True, True, True, False], [True, True, True, True]])
+    commit = select_commits(score, masked, 1, dynamic=True, threshold=0.9, budget=True)
+    # row 0: 0.05 + 0.05 = 0.10 fits, a third 0.95 would not (the threshold rule commits all three)
+    # row 1: the decided 0.999 never counts; 0.01 + 0.03 fit; row 2: only the forced best one
+    assert commit.tolist() == [[True, True, False, False], [True, True, False, False], [True, False, False, False]]
+    per_position = select_commits(score, masked, 1, dynamic=True, threshold=0.9)
+    assert per_position[0].tolist() == [True, True, True, False]
+    static = select_commits(score, masked, 1, dynamic=False, threshold=0.0)
+    assert torch.equal(select_commits(score, masked, 1, dynamic=True, threshold=1.0, budget=True), static)
+    assert UnmaskingRule.parse("low_confidence_budget") == UnmaskingRule("low_confidence", True, budget=True)
+
+
+def test_budget_rule_is_batch_invariant_and_counts_every_forward(tiny_model, prompt):
+    """Each sample of a batch decodes exactly as alone, and the statistics count each forward it took part in."""
+    batch = {k: torch.cat([v, v]) for k, v in prompt.items()}
+    kwargs = dict(max_new_tokens=16, block_size=8, denoising_steps=8, remasking_strategy="low_confidence_budget",
+                  confidence_threshold=0.5, return_step_stats=True)
+    alone, alone_stats = tiny_model.generate(prompt, **kwargs)
+    both, stats = tiny_model.generate(batch, **kwargs)
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1], alone[0])
+    assert stats["forwards_per_sample"] == [alone_stats["forwards_total"]] * 2
+    assert alone_stats["forwards_total"] == 1 + sum(alone_stats["block_step_counts"])

@@ -451,7 +451,8 @@ class _BlockDecoder:
                 suppress_token_id=opts.mask_token_id,
             )
             k_min = self.schedule[min(step, len(self.schedule) - 1)]
-            commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold)
+            commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold,
+                                    budget=rule.budget)
             if revise:
                 history.append(active)
                 had_masked = masked.any(-1)

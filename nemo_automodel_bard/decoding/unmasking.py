@@ -2,8 +2,12 @@
 
 Every rule turns the block's logits into (a) a proposed token per position and (b) a score in
 ``[0, 1]`` (higher = commit sooner), then commits either the ``k`` best-scoring masked positions
-(``*_static``) or every masked position scoring above a threshold and at least the ``k`` best
-(``*_dynamic``). All arithmetic is fp32 and batched; nothing here synchronises with the device.
+(``*_static``), or every masked position scoring above a threshold and at least the ``k`` best
+(``*_dynamic``), or (``*_budget``) the best-scoring masked positions as long as their summed doubt
+``sum(1 - score)`` stays within ``1 - threshold``, and at least the ``k`` best. With the probability score the
+budget bounds the expected number of wrong tokens committed in one step (at threshold 0.9: 0.1), however many
+positions are individually above the threshold -- the parallel-decoding failure where several plausible tokens
+are committed together. All arithmetic is fp32 and batched; nothing here synchronises with the device.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ SCORES = ("low_confidence", "margin", "entropy", "random")
 RULES = (
     "low_confidence_static",
     "low_confidence_dynamic",
+    "low_confidence_budget",
     "margin_static",
     "margin_dynamic",
     "entropy_static",
@@ -29,10 +34,12 @@ _ALIASES = {"margin": "margin_dynamic", "entropy": "entropy_dynamic", "random_st
 
 @dataclass(frozen=True)
 class UnmaskingRule:
-    """A parsed rule name: which score to rank by and whether a threshold applies."""
+    """A parsed rule name: which score to rank by and whether a threshold applies (``dynamic``: each
+    position's score against it; ``budget``: the committed positions' summed doubt against ``1 - threshold``)."""
 
     score: str
     dynamic: bool
+    budget: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "UnmaskingRule":
@@ -45,7 +52,7 @@ class UnmaskingRule:
         if name == "random":
             return cls("random", False)
         score, mode = name.rsplit("_", 1)
-        return cls(score, mode == "dynamic")
+        return cls(score, mode in ("dynamic", "budget"), budget=mode == "budget")
 
 
 def transfer_schedule(block_size: int, denoising_steps: int) -> list[int]:
@@ -140,7 +147,7 @@ def propose_tokens(
 
 
 def select_commits(
-    score: torch.Tensor, masked: torch.Tensor, k: int, *, dynamic: bool, threshold: float
+    score: torch.Tensor, masked: torch.Tensor, k: int, *, dynamic: bool, threshold: float, budget: bool = False
 ) -> torch.Tensor:
     """Which masked positions to commit this step.
 
@@ -151,7 +158,9 @@ def select_commits(
     Returns:
         bool ``[batch, B]``: the ``k`` best masked positions (ties: leftmost first), plus (dynamic)
         every masked position whose score is strictly above ``threshold`` — so a threshold >= 1
-        on a probability score makes a dynamic rule its static twin.
+        on a probability score makes a dynamic rule its static twin; with ``budget`` (and ``dynamic``) instead
+        the longest run of best-scoring masked positions whose summed ``1 - score`` is at most
+        ``1 - threshold`` (ties: leftmost first; threshold 1: the static twin again).
     """
     ranked = torch.where(masked, score, _constant(float("-inf"), score.device))  # decided positions never rank
     k = min(k, ranked.shape[-1])
@@ -164,7 +173,12 @@ def select_commits(
         commit = torch.zeros_like(masked).scatter_(-1, order, True) & masked
     else:
         commit = torch.zeros_like(masked)
-    if dynamic:
+    if dynamic and budget:
+        ordered, order = ranked.sort(dim=-1, descending=True, stable=True)
+        doubt = (1.0 - ordered).cumsum(-1)  # -inf scores (decided) give +inf doubt: never within the budget
+        within = doubt <= (1.0 - threshold) + 1e-6
+        commit = commit | (torch.zeros_like(masked).scatter_(-1, order, within) & masked)
+    elif dynamic:
         commit = commit | (ranked > threshold)  # -inf (decided) is never above a finite threshold
     return commit
 
