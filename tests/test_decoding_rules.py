@@ -105,7 +105,7 @@ def test_rule_names_parse():
         ({"top_p": -0.1}, r"top_p must be in \(0, 1\]"),
         ({"top_k": -1}, "top_k must be an integer >= 0"),
         ({"temperature": -0.5}, "temperature must be"),
-        ({"confidence_threshold": float("nan")}, "confidence_threshold must be a finite number"),
+        ({"confidence_threshold": float("nan")}, r"confidence_threshold must be in \[0, 1\]"),
         ({"mask_token_id": 10**6}, "mask_token_id=1000000 is outside the vocabulary"),
         ({"mask_token_id": -1}, "mask_token_id=-1 is outside the vocabulary"),
         ({"max_revision_steps": -1, "revise": True}, "max_revision_steps must be an integer >= 0"),

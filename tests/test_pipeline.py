@@ -20,6 +20,7 @@ SMOKE_OVERRIDES = [
     "pbm.block_sizes=[2,4,8]",
     "pbm.max_steps=2",
     "pbm.first_stage_steps=3",
+    "pbm.block_steps=null",
     "swd.student_block_sizes=[8]",
     "swd.teacher_block_size=4",
     "swd.anchor_extra_steps=2",
@@ -197,6 +198,9 @@ def test_pbm_steps_per_block_size():
     assert pbm_steps({"block_sizes": [2, 4, 8], "max_steps": 5}) == [5, 5, 5]
     assert pbm_steps({"block_sizes": [2, 4, 8], "max_steps": 5, "first_stage_steps": 9}) == [9, 5, 5]
     assert pbm_steps({"block_sizes": [2, 4], "max_steps": [7, 3], "first_stage_steps": 9}) == [7, 3]
+    # block_steps names steps for some block sizes (the tiny default: B=4 and B=8 train 200); others are ignored
+    section = {"block_sizes": [2, 4, 8, 16], "max_steps": 300, "first_stage_steps": 400, "block_steps": {4: 200, 64: 9}}
+    assert pbm_steps(section) == [400, 200, 300, 300]
     with pytest.raises(ValueError, match="1 entries for 2 block sizes"):
         pbm_steps({"block_sizes": [2, 4], "max_steps": [7]})
 

@@ -221,8 +221,10 @@ def test_objective_options_reach_every_pbm_stage_and_first_stage_overrides_only_
         assert run["dataloader.collate_fn.complementary"] is True
         assert run["dataloader.collate_fn.max_loss_weight"] == 10.0
     assert first["optimizer.lr"] == 0.001 and "optimizer.lr" not in second
-    plain = stages._objective_overrides({"complementary": False, "max_loss_weight": None})
+    plain = stages._objective_overrides({"complementary": False, "max_loss_weight": None}, 4)
     assert plain == {}  # published behaviour: nothing passed, fingerprints unchanged
+    small = {"complementary": [2, 4, 8], "max_loss_weight": None}
+    assert [stages._objective_overrides(small, b) for b in (4, 16)] == [{"dataloader.collate_fn.complementary": True}, {}]
 
 
 def test_bad_objective_options_fail_before_any_work(tmp_path):

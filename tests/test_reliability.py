@@ -506,19 +506,22 @@ def test_kill_during_a_checkpoint_save_resumes_bit_identically(tiny_model_dir, t
     import torch
 
     from helpers import QUICK_RECIPE, read_jsonl, read_weights
-    from nemo_automodel_bard.recipes.common import run_recipe
 
     pbm = str(ROOT / "recipes" / "tiny" / "pbm_b2.yaml")
     common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=6",
               *QUICK_RECIPE, "--step_scheduler.ckpt_every_steps=2"]
-    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE_CHILD, pbm, *common,
-                            f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"], env=env, capture_output=True,
-                           timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run in a child with the same numerics
+
+    def run(script, out):
+        return subprocess.run([sys.executable, "-c", script, pbm, *common, f"--checkpoint.checkpoint_dir={out}"],
+                              env=env, capture_output=True, timeout=600)
+
+    assert run(_KILL_CHILD, tmp_path / "a").returncode == 0
+    child = run(_KILL_DURING_SAVE_CHILD, tmp_path / "b")
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert (tmp_path / "b" / "epoch_0_step_1").is_dir() and not (tmp_path / "b" / "final").exists()
-    run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"])
+    resumed = run(_KILL_CHILD, tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = read_weights(tmp_path / "a" / "final"), read_weights(tmp_path / "b" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "b" / "training.jsonl")}

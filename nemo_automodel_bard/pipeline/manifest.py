@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,8 @@ class Manifest:
     def portable(self, value: Any) -> Any:
         """``value`` (any JSON-like structure) with every path inside the work directory written relative to it,
         as ``{work_dir}/...``: what fingerprints and the stored manifest see."""
-        root = self.root.rstrip("/")
-
-        def relative(text: str) -> str:
-            if text == root or text.startswith(root + "/"):
-                return WORK_DIR_TOKEN + text[len(root):]
-            return text
-
-        return _map_strings(value, relative)
+        inside = re.compile(re.escape(self.root.rstrip("/")) + r"(?=/|:|$)")  # the directory itself or below it
+        return _map_strings(value, lambda text: inside.sub(WORK_DIR_TOKEN, text))
 
     def finished(self, stage_id: str, config_hash: str) -> dict[str, Any] | None:
         """The recorded outputs if ``stage_id`` finished with this configuration and they still exist."""

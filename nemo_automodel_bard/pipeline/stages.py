@@ -250,11 +250,19 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
     return outputs
 
 
-def _objective_overrides(section: dict[str, Any]) -> dict[str, Any]:
-    """The diffusion-objective options of ``pbm`` as collator overrides (only those set away from the
-    published behaviour, so that default runs keep their fingerprints)."""
+def complementary_blocks(section: dict[str, Any], block: int) -> bool:
+    """Whether ``pbm.complementary`` (``true``, ``false``, or a list of block sizes) applies at ``block``."""
+    value = section.get("complementary")
+    if isinstance(value, (list, tuple)):
+        return int(block) in {int(b) for b in value}
+    return bool(value)
+
+
+def _objective_overrides(section: dict[str, Any], block: int) -> dict[str, Any]:
+    """The diffusion-objective options of ``pbm`` for one block size as collator overrides (only those set away
+    from the published behaviour, so that default runs keep their fingerprints)."""
     out: dict[str, Any] = {}
-    if section.get("complementary"):
+    if complementary_blocks(section, block):
         out["dataloader.collate_fn.complementary"] = True
     if section.get("max_loss_weight") is not None:
         out["dataloader.collate_fn.max_loss_weight"] = float(section["max_loss_weight"])
@@ -271,7 +279,7 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
         "model.pretrained_model_name_or_path": init_dir,
         "dataloader.collate_fn.block_size": block,
         **_steps_override(max_steps),
-        **_objective_overrides(section),
+        **_objective_overrides(section, block),
     }
     extra = dict(section.get("overrides") or {})
     if first:
@@ -289,8 +297,9 @@ def _steps_override(max_steps: int | None) -> dict[str, Any]:
 
 def pbm_steps(section: dict[str, Any]) -> list[int | None]:
     """Steps per block size: ``pbm.max_steps`` (one int, or a list aligned with ``block_sizes``; ``None``: the
-    recipe's epochs), with ``pbm.first_stage_steps`` (if set) replacing the first stage's when ``max_steps``
-    is one int."""
+    recipe's epochs); when it is one int, ``pbm.first_stage_steps`` (if set) replaces the first stage's count and
+    ``pbm.block_steps`` (block size -> steps; sizes not trained are ignored) replaces those of the sizes it
+    names."""
     steps = section["max_steps"]
     blocks = list(section["block_sizes"])
     if isinstance(steps, (list, tuple)):
@@ -302,7 +311,8 @@ def pbm_steps(section: dict[str, Any]) -> list[int | None]:
     out = [int(steps)] * len(blocks)
     if out and section.get("first_stage_steps"):
         out[0] = int(section["first_stage_steps"])
-    return out
+    by_block = {int(k): int(v) for k, v in (section.get("block_steps") or {}).items()}
+    return [by_block.get(int(b), n) for b, n in zip(blocks, out)]
 
 
 def stage_pbm(ctx: Context) -> dict[str, Any]:

@@ -36,6 +36,9 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     if any(b2 <= b1 for b1, b2 in zip(blocks, blocks[1:])):
         raise PipelineConfigError(f"pbm.block_sizes must be strictly increasing, got {blocks}")
     steps = cfg["pbm"]["max_steps"]  # null: the recipes' epochs (real sizes)
+    for key, value in (cfg["pbm"].get("block_steps") or {}).items():
+        _positive_int(key, "pbm.block_steps (a block size)")
+        _positive_int(value, f"pbm.block_steps[{key}]")
     if isinstance(steps, (list, tuple)):
         for value in steps:
             if value is not None:
@@ -62,8 +65,11 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     cap = cfg["pbm"].get("max_loss_weight")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
         raise PipelineConfigError(f"pbm.max_loss_weight must be a positive number or null, got {cap!r}")
-    if not isinstance(cfg["pbm"].get("complementary", False), bool):
-        raise PipelineConfigError(f"pbm.complementary must be true or false, got {cfg['pbm'].get('complementary')!r}")
+    complementary = cfg["pbm"].get("complementary", False)
+    if not isinstance(complementary, bool) and not (
+            isinstance(complementary, (list, tuple))
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in complementary)):
+        raise PipelineConfigError(f"pbm.complementary must be true, false or a list of block sizes, got {complementary!r}")
 
     swd = cfg["swd"]
     if "swd" in stages:

@@ -662,6 +662,8 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         read, the run stops with each one's problem and nothing is renamed."""
         if restore_from or not self.checkpointer.config.enabled:
             return super().load_checkpoint(restore_from)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
         from nemo_automodel.components.checkpoint.utils import (
             find_latest_checkpoint,
             is_checkpoint_incomplete,
@@ -681,7 +683,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             if problem is None:
                 try:  # the latest one through NeMo's own choice (it skips an incompatible model config)
                     super().load_checkpoint(None if candidate == latest else str(candidate))
-                except Exception as exc:  # noqa: BLE001 - unreadable state: try the previous checkpoint
+                except (Exception, CheckpointException) as exc:  # noqa: BLE001 - unreadable: try the previous one
                     problem = f"{type(exc).__name__}: {exc}"
             if problem is None:
                 for failed, why in failures:
