@@ -245,12 +245,13 @@ def test_video_from_the_media_root_and_inline(client, media_root):
 
     path = write_demo_video(media_root / "clip.mp4")
     inline = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
-    text_only = client.chat.completions.create(model=NAME, messages=_messages(2), max_tokens=4).usage.prompt_tokens
+    question = [{"role": "user", "content": [{"type": "text", "text": "What happens?"}]}]
+    text_only = client.chat.completions.create(model=NAME, messages=question, max_tokens=4).usage.prompt_tokens
     answers = []
     for url in ("clip.mp4", inline):
         messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
                                                  {"type": "text", "text": "What happens?"}]}]
         reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8)
-        assert reply.usage.prompt_tokens > text_only + 8  # the frames' tokens are in the prompt
+        assert reply.usage.prompt_tokens > text_only + 4  # the frames' tokens are in the prompt
         answers.append(reply.choices[0].message.content)
     assert answers[0] == answers[1]

@@ -35,8 +35,9 @@ class BardVL(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1, **kwargs: Any) -> None:
-        super().__init__()
+    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__()  # max_batch_size (lmms-eval's automatic batch sizing) does not apply: batch_size is used
         if device in ("cuda", None):
             import torch
 

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import math
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
+
+try:  # FastAPI reads the handlers' annotations by name from this module (the serve extra)
+    from starlette.requests import Request as HTTPRequest
+except ImportError:  # pragma: no cover - without the extra, main() explains what to install
+    HTTPRequest = Any  # type: ignore[misc,assignment]
 
 from .batching import BatcherStopped, ContinuousBatcher, QueueFull, Request
 from .media import MediaLimits, RequestError, load_image, resolve_video
@@ -113,6 +120,10 @@ class BardServer:
             model, max_batch=self.config.max_batch, max_queue=self.config.max_queue, seed=self.config.seed
         )
         self.created = int(time.time())
+        # fast tokenizers refuse concurrent use ("Already borrowed"): the processor encodes under a lock (in
+        # worker threads), and a private copy of the tokenizer decodes (in the event loop thread only)
+        self._encode_lock = threading.Lock()
+        self._decoder = copy.deepcopy(processor.tokenizer)
         self.app = self._build_app()
 
     def close(self) -> None:
@@ -257,7 +268,8 @@ class BardServer:
         try:
             messages = self._messages(body, temp_files)
             try:
-                inputs = encode_messages(self.processor, messages)
+                with self._encode_lock:
+                    inputs = encode_messages(self.processor, messages)
             except RequestError:
                 raise
             except Exception as exc:  # noqa: BLE001 - unreadable video, processor refusals: the client's input
@@ -281,7 +293,7 @@ class BardServer:
 
     # ------------------------------------------------------------------------------ app
     def _build_app(self) -> Any:
-        from fastapi import FastAPI, Request as HTTPRequest
+        from fastapi import FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
         from starlette.concurrency import run_in_threadpool
 
@@ -378,7 +390,7 @@ class BardServer:
 
     async def _collect(self, request: Request, prepared: _Prepared, events: asyncio.Queue) -> tuple[str, str]:
         stops = _StopFilter(prepared.stops)
-        stream = TextStream(self.processor.tokenizer)
+        stream = TextStream(self._decoder)
         while True:
             kind, ids = await events.get()
             if kind == "done":
@@ -405,7 +417,7 @@ class BardServer:
             return f"data: {json.dumps(body)}\n\n".encode()
 
         stops = _StopFilter(prepared.stops)
-        stream = TextStream(self.processor.tokenizer)
+        stream = TextStream(self._decoder)
         block = 0
         try:
             yield chunk({"role": "assistant", "content": ""})
