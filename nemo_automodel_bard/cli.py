@@ -2,6 +2,10 @@
 
 * ``bard-vl tiny OUT_DIR [--seed N] [--block-size B]`` — write a tiny random Bard-VL directory.
 * ``bard-vl demo OUT_DIR`` — write one and run the model-card code on it (image and video).
+* ``bard-vl infer MODEL_DIR [--image PATH ...] [--video PATH] --prompt TEXT [--chat] [decoding flags]`` —
+  answer about images / a video, streaming block by block, then the step statistics.
+* ``bard-vl serve MODEL_DIR [--host H] [--port P] [--media-root DIR] ...`` — an OpenAI-compatible server
+  with continuous batching (needs the ``serve`` extra: ``pip install nemo-automodel-bard[serve]``).
 * ``bard-vl aggregate RUN_DIR [RUN_DIR ...] [--out DIR]`` — mean and spread over runs (seeds) of every
   model and threshold (a sweep directory stands for all its runs).
 * ``bard-vl [hydra overrides...]`` — the Hydra pipeline chaining all stages (when installed).
@@ -53,6 +57,18 @@ def _aggregate(argv: list[str]) -> int:
     return 0
 
 
+def _infer(argv: list[str]) -> int:
+    from nemo_automodel_bard.serving.infer import main as infer_main
+
+    return infer_main(argv)
+
+
+def _serve(argv: list[str]) -> int:
+    from nemo_automodel_bard.serving.server import main as serve_main
+
+    return serve_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bard-vl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -62,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(argv[1:])
     if argv and argv[0] == "aggregate":
         return _aggregate(argv[1:])
+    if argv and argv[0] == "infer":
+        return _infer(argv[1:])
+    if argv and argv[0] == "serve":
+        return _serve(argv[1:])
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
         return 0

@@ -32,3 +32,32 @@ def tiny_model(tiny_model_dir):
     from nemo_automodel_bard import BardVLForConditionalGeneration
 
     return BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory, tiny_model_dir):
+    """A complete model directory of a tiny Bard-VL trained for a few seconds on :data:`TOY_PAIRS`: it answers
+    them confidently and stops with EOS, so token-identity checks (batched vs alone) are meaningful."""
+    import shutil
+
+    from helpers import TOY_PAIRS, toy_picture
+    from transformers import AutoProcessor
+
+    from nemo_automodel_bard import BardVLForConditionalGeneration
+    from nemo_automodel_bard.decoding.toy import make_example, train_toy
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("toy") / "bard-vl-toy"
+        shutil.copytree(tiny_model_dir, out)
+        processor = AutoProcessor.from_pretrained(out)
+        examples = [make_example(processor, prompt, answer, image=toy_picture(*pic) if pic else None)
+                    for prompt, answer, pic in TOY_PAIRS]
+        model = BardVLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        losses = train_toy(model, examples, steps=100, lr=3e-3, copies=8, seed=0)
+        assert losses[-1] < 0.5, losses[-10:]
+        model.save_pretrained(out)
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -80,3 +80,22 @@ def record_training(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(stages, "run_recipe", fake_training)
     return runs
+
+
+def toy_picture(width: int, height: int, color: tuple[int, int, int]):
+    """A test picture: a coloured top half and a white lower-left quarter."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[: height // 2] = color
+    array[height // 2 :, : width // 2] = (250, 250, 250)
+    return Image.fromarray(array)
+
+
+#: (prompt, answer, picture) pairs the toy checkpoint of ``toy_model_dir`` has learnt
+TOY_PAIRS = (
+    ("Describe the image.", "red circle row 1 column 2, blue square row 2 column 3", (64, 64, (200, 30, 30))),
+    ("List every shape.", "green triangle row 3 column 1, yellow star row 1 column 1", (128, 96, (30, 200, 30))),
+    ("How many shapes are there?", "There are 4 shapes.", None),
+)

@@ -29,6 +29,14 @@ class EvalDataError(ValueError):
     """A held-out record cannot be evaluated; the message names the record and the reason."""
 
 
+class EvalRecords(list):
+    """Usable :class:`EvalRecord` s, plus ``unusable``: ``(index, reason)`` of every record left out."""
+
+    def __init__(self, records: Iterable[EvalRecord] = (), unusable: Sequence[tuple[int, str]] = ()) -> None:
+        super().__init__(records)
+        self.unusable = list(unusable)
+
+
 def _answer_text(message: dict[str, Any]) -> str:
     content = message["content"]
     if isinstance(content, str):
@@ -71,27 +79,42 @@ def _check_eval_record(record: Any) -> str | None:
     return None
 
 
-def records_from_chat(records: Iterable[dict[str, Any]], source: str = "held-out data") -> list[EvalRecord]:
+def records_from_chat(records: Iterable[dict[str, Any]], source: str = "held-out data",
+                      skip_unusable: bool = False) -> EvalRecords:
     """Split chat records into (prompt messages, last assistant answer).
+
+    ``skip_unusable``: leave unusable records out and list them in the result's ``unusable`` (index,
+    reason) instead of stopping at the first one.
 
     Raises:
         EvalDataError: naming the first unusable record of ``source`` (broken JSON, no answer, a non-string
-            text, a missing or unreadable image) -- before any model runs.
+            text, a missing or unreadable image) -- before any model runs; with ``skip_unusable``, only when
+            no record is usable (naming the first reasons).
     """
-    out = []
+    out = EvalRecords()
     for n, record in enumerate(records):
         reason = _check_eval_record(record)
         if reason is not None:
             index = record.get("index", n) if isinstance(record, dict) else n
-            raise EvalDataError(f"{source}: record {index}: {reason}")
+            if not skip_unusable:
+                raise EvalDataError(f"{source}: record {index}: {reason}")
+            out.unusable.append((int(index), reason))
+            continue
         messages = record["messages"]
         last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
         out.append(EvalRecord(messages=list(messages[:last]), reference=_answer_text(messages[last])))
+    if skip_unusable and not out and out.unusable:
+        listed = "; ".join(f"record {i}: {r}" for i, r in out.unusable[:5])
+        more = f" (and {len(out.unusable) - 5} more)" if len(out.unusable) > 5 else ""
+        raise EvalDataError(f"{source}: no usable record: {listed}{more}")
     return out
 
 
-def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
-    """Held-out evaluation items for the configured data set (shapes: the held-out split)."""
+def heldout_records(data_cfg: Any, num_samples: int) -> EvalRecords:
+    """Held-out evaluation items for the configured data set (shapes: the held-out split).
+
+    Chat-format data (``data.eval_path``): unusable records are left out and listed in ``unusable``; an
+    :class:`EvalDataError` only when none is usable."""
     kind = data_cfg.get("kind", "shapes")
     if kind == "shapes":
         from nemo_automodel_bard.data.chat_dataset import shapes_dataset
@@ -112,15 +135,39 @@ def heldout_records(data_cfg: Any, num_samples: int) -> list[EvalRecord]:
     from nemo_automodel_bard.data.chat_dataset import ChatDataset
 
     dataset = ChatDataset(path, image_root=data_cfg.get("root"), max_samples=num_samples)
-    records = records_from_chat((dataset[i] for i in range(len(dataset))), source=f"data.eval_path {path}")
+    records = records_from_chat((dataset[i] for i in range(len(dataset))), source=f"data.eval_path {path}",
+                                skip_unusable=True)
     if not records:
         raise EvalDataError(f"data.eval_path {path}: no records")
     return records
 
 
+def _tokens(text: str) -> list[str]:
+    """Lower-cased words without punctuation (for the token-level F1 of free text)."""
+    import re
+    import unicodedata
+
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return re.findall(r"\w+", text)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Token-level F1 of two texts (bag of lower-cased words, punctuation ignored); 1.0 when both are empty."""
+    import collections
+
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], order: str = "reading") -> dict[str, Any]:
-    """``accuracy`` (exact match), ``field_accuracy`` (shapes) and ``correct``: per record, exact match or
-    not (for paired comparisons of two models on the same records)."""
+    """``accuracy`` (exact match), ``field_accuracy`` (shapes only), ``token_f1`` (free text only) and
+    ``correct``: per record, exact match or not (for paired comparisons of two models on the same records)."""
     if data_kind == "shapes":
         from nemo_automodel_bard.data.shapes import exact_match, score
 
@@ -129,7 +176,9 @@ def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str]
         return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"]),
                 "correct": correct}
     matches = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
-    return {"accuracy": sum(matches) / max(len(matches), 1), "correct": matches}
+    f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
+    return {"accuracy": sum(matches) / max(len(matches), 1), "token_f1": sum(f1) / max(len(f1), 1),
+            "correct": matches}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -187,11 +236,12 @@ def evaluate_model(
     ``order``: the shapes task's answer order (:func:`nemo_automodel_bard.data.shapes.exact_match`). ``device``:
     ``"auto"`` (the first CUDA device when there is one, else the CPU) or any ``torch.device`` string.
 
-    Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``tokens_per_forward``
+    Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``token_f1`` (chat data), ``tokens_per_forward``
     (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
     every denoising and commit forward counted -- the batch-1 cost), ``tokens_per_batch_forward`` (the
     same over the batch's forwards, where early finishers wait for the longest answer),
-    ``tokens_per_second``, ``forwards``, ``n``, ``predictions`` and optionally ``trajectory``.
+    ``tokens_per_second``, ``forwards``, ``n``, ``predictions``, ``num_unusable`` / ``unusable_records`` (records
+    left out, when ``records`` is an :class:`EvalRecords`) and optionally ``trajectory``.
     """
     from transformers import AutoProcessor
 
@@ -239,6 +289,10 @@ def evaluate_model(
         response_tokens=tokens,
         predictions=[p.strip() for p in predictions],
     )
+    unusable = getattr(records, "unusable", None)
+    if unusable is not None:
+        result["num_unusable"] = len(unusable)
+        result["unusable_records"] = [{"index": int(i), "reason": str(r)} for i, r in unusable]
     if trajectory is not None:
         result["trajectory"] = trajectory
     return result
@@ -262,4 +316,4 @@ def write_result(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["EvalDataError", "EvalRecord", "evaluate_model", "heldout_records", "records_from_chat", "write_result"]
+__all__ = ["EvalDataError", "EvalRecord", "EvalRecords", "token_f1", "evaluate_model", "heldout_records", "records_from_chat", "write_result"]

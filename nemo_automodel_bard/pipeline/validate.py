@@ -175,9 +175,14 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
             from .evaluate import EvalDataError, heldout_records
 
             try:  # every held-out record is checked now, not after hours of training
-                heldout_records(data, int(evaluate["num_samples"]))
+                records = heldout_records(data, int(evaluate["num_samples"]))
             except (EvalDataError, ValueError, OSError) as exc:
                 raise PipelineConfigError(str(exc)) from None
+            unusable = getattr(records, "unusable", [])
+            if unusable:
+                first = "; ".join(f"record {i}: {r}" for i, r in unusable[:3])
+                print(f"[bard-vl] data.eval_path: {len(unusable)} of {len(records) + len(unusable)} held-out records "
+                      f"cannot be evaluated and are left out (listed in the report): {first}", flush=True)
     elif data["kind"] != "shapes":
         raise PipelineConfigError(f"data.kind must be 'shapes' or 'jsonl', got {data['kind']!r}")
 

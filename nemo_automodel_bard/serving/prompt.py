@@ -1,0 +1,113 @@
+"""Loading a checkpoint for inference, chat messages -> processor inputs, incremental detokenisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of a local Bard-VL directory, ready to decode.
+
+    Weights are read from safetensors only (no pickle) and no code from the checkpoint is run. The model
+    uses SDPA attention; ``dtype`` defaults to bfloat16 on a GPU and float32 on the CPU.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is not a directory with a ``config.json``.
+    """
+    import torch
+
+    from nemo_automodel_bard.models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
+    from nemo_automodel_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); `bard-vl tiny DIR` writes one")
+    device = device or default_device()
+    if dtype is None:
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    model = BardVLForConditionalGeneration.from_pretrained(
+        str(path), dtype=torch_dtype, _attn_implementation="sdpa", use_safetensors=True
+    )
+    model = model.to(device).eval()
+    processor = BardVLProcessor.from_pretrained(str(path))
+    return model, processor
+
+
+def has_media(messages: list[dict[str, Any]]) -> bool:
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(item.get("type") in ("image", "video") for item in content):
+            return True
+    return False
+
+
+def encode_messages(processor: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Processor inputs (batch 1, unpadded) for chat ``messages`` in the ``qwen_vl_utils`` form.
+
+    ``messages`` items: ``{"role": ..., "content": str | [{"type": "text", "text": ...},
+    {"type": "image", "image": PIL image or path}, {"type": "video", "video": path, ...}]}``. Images and
+    videos are read and resized by ``qwen_vl_utils.process_vision_info`` (as in the model card).
+    """
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    images = videos = None
+    video_kwargs: dict[str, Any] = {}
+    if has_media(messages):
+        from qwen_vl_utils import process_vision_info
+
+        images, videos, video_kwargs = process_vision_info(
+            messages,
+            return_video_kwargs=True,
+            return_video_metadata=False,
+            image_patch_size=processor.image_processor.patch_size,
+        )
+    batch = processor(text=[text], images=images, videos=videos, padding=False, return_tensors="pt", **video_kwargs)
+    return dict(batch)
+
+
+class TextStream:
+    """Turns token ids arriving block by block into text deltas (held back while a UTF-8 sequence is open)."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """Add ``ids``; return the new text that is safe to show."""
+        self.ids.extend(int(i) for i in ids)
+        text = self.text()
+        if not final and text.endswith("\ufffd"):
+            return ""
+        if text.startswith(self.sent):
+            delta = text[len(self.sent) :]
+        else:  # a merge changed earlier characters (rare): send nothing wrong, only what follows
+            common = 0
+            for a, b in zip(text, self.sent):
+                if a != b:
+                    break
+                common += 1
+            delta = text[max(common, len(self.sent)) :] if len(text) > len(self.sent) else ""
+        self.sent = text if text.startswith(self.sent) else self.sent + delta
+        return delta
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+__all__ = ["TextStream", "cut_at_stop", "default_device", "encode_messages", "has_media", "load_for_inference"]

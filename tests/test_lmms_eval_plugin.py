@@ -1,0 +1,107 @@
+"""The lmms-eval plugin: its batched core (always), and lmms-eval end to end on the tiny task (when installed)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TOY_PAIRS, toy_picture
+
+from nemo_automodel_bard.evaluation.batched import BatchedBardVL, EvalItem
+from nemo_automodel_bard.evaluation.tiny_task import write_tiny_task
+from nemo_automodel_bard.serving.prompt import load_for_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def loaded(toy_model_dir):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_for_inference(toy_model_dir, device="cpu")
+    torch.set_num_threads(before)
+
+
+def _items(n: int = 6, **gen_kwargs) -> list[EvalItem]:
+    items = []
+    for k in range(n):
+        prompt, _, pic = TOY_PAIRS[k % 3]
+        visuals = [toy_picture(*pic)] if pic else []
+        items.append(EvalItem(context=prompt, visuals=lambda v=visuals: v, gen_kwargs=dict(gen_kwargs)))
+    return items
+
+
+def test_batched_answers_equal_unbatched_and_speed_is_reported(loaded, toy_model_dir, tmp_path):
+    model, processor = loaded
+    runs = {}
+    for batch_size in (1, 4):
+        bard = BatchedBardVL(str(toy_model_dir), batch_size=batch_size, system_prompt="", model=model,
+                             processor=processor, block_size=4, stats_path=str(tmp_path / "stats.jsonl"))
+        results = bard.generate(_items(max_new_tokens=48))
+        assert [r["text"] for r in results] == [TOY_PAIRS[k % 3][1] for k in range(6)]
+        runs[batch_size] = (results, bard.runs[-1])
+    assert [r["output_tokens"] for r in runs[1][0]] == [r["output_tokens"] for r in runs[4][0]]
+    one, four = runs[1][1], runs[4][1]
+    assert (one["batches"], four["batches"]) == (6, 2)
+    assert one["response_tokens"] == four["response_tokens"] == sum(r["output_tokens"] for r in runs[4][0])
+    # tokens per forward counts each sample's own forwards: the same whatever the batch size
+    assert one["tokens_per_forward"] == pytest.approx(four["tokens_per_forward"]) and one["tokens_per_forward"] > 0.5
+    assert four["forwards"] < one["forwards"] and four["tokens_per_second"] > 0
+    assert [json.loads(line)["batch_size"] for line in (tmp_path / "stats.jsonl").read_text().splitlines()] == [1, 4]
+    # the batch really is padded and masked (mixed prompt lengths)
+    batch = bard.encode([bard.messages_for(item) for item in _items(3)])
+    assert not bool(batch["attention_mask"].all()) and bool(batch["attention_mask"][:, -1].all())
+
+
+def test_model_args_win_and_stop_strings_cut(loaded, toy_model_dir):
+    model, processor = loaded
+    bard = BatchedBardVL(str(toy_model_dir), batch_size=2, model=model, processor=processor, system_prompt="",
+                         max_new_tokens=8, denoising_steps=2)
+    options, stops = bard.options_for({"max_new_tokens": 64, "temperature": 0, "until": ["\n\n", "blue"]})
+    assert options == {"max_new_tokens": 8, "temperature": 0.0, "denoising_steps": 2} and stops == ["\n\n", "blue"]
+    bard = BatchedBardVL(str(toy_model_dir), batch_size=2, model=model, processor=processor, system_prompt="")
+    results = bard.generate(_items(1, max_new_tokens=48, until="blue"))
+    assert results[0]["text"] == TOY_PAIRS[0][1].split("blue")[0].strip()
+    with pytest.raises(TypeError, match="unknown Bard-VL model_args"):
+        BatchedBardVL(str(toy_model_dir), model=model, processor=processor, blocksize=4)
+    with pytest.raises(ValueError, match="unknown remasking_strategy"):
+        BatchedBardVL(str(toy_model_dir), model=model, processor=processor, remasking_strategy="nope")
+
+
+def test_entry_point_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["lmms_eval.models"]["bard_vl"] == "nemo_automodel_bard.evaluation.lmms_eval_plugin:manifest"
+    assert "lmms-eval" in " ".join(project["optional-dependencies"]["eval"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
+                    reason="lmms-eval is not installed (pip install .[eval]; see docs/evaluation.md)")
+def test_lmms_eval_runs_the_tiny_task_end_to_end(toy_model_dir, tmp_path):
+    names = [ep.name for ep in importlib.metadata.entry_points(group="lmms_eval.models")]
+    if "bard_vl" not in names:
+        pytest.skip("this environment's install of the package predates the entry point (reinstall it)")
+    records = [{"question": p, "answer": a, "image": toy_picture(*pic) if pic else None} for p, a, pic in TOY_PAIRS]
+    task_dir = write_tiny_task(tmp_path / "task", records * 2)
+    stats = tmp_path / "stats.jsonl"
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "lmms_eval", "--model", "bard_vl",
+               "--model_args", f"pretrained={toy_model_dir},block_size=4,system_prompt=,stats_path={stats}",
+               "--tasks", "bard_tiny", "--include_path", str(task_dir), "--batch_size", "2", "--device", "cpu",
+               "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("*results*.json")]
+    assert results, done.stdout[-2000:]
+    assert results[0]["results"]["bard_tiny"]["exact_match,none"] == 1.0
+    report = json.loads(stats.read_text().splitlines()[-1])
+    assert report["samples"] == 6 and report["batches"] == 3 and report["tokens_per_forward"] > 0.5
+    assert "tokens/forward" in done.stdout

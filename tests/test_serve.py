@@ -1,0 +1,257 @@
+"""``bard-vl serve``: the OpenAI-compatible server on localhost, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from helpers import TOY_PAIRS, toy_picture
+
+openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install .[serve])")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install .[serve])")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install .[serve])")
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
+
+from nemo_automodel_bard.serving.prompt import encode_messages, load_for_inference  # noqa: E402
+from nemo_automodel_bard.serving.server import BardServer, ServeConfig  # noqa: E402
+
+NAME = "bard-vl-toy"
+
+
+class _Running:
+    """A uvicorn server in a background thread on a free loopback port."""
+
+    def __init__(self, server: BardServer) -> None:
+        config = uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        self.uv = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.uv.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+        port = self.uv.servers[0].sockets[0].getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def loaded(toy_model_dir):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_for_inference(toy_model_dir, device="cpu")
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    toy_picture(*TOY_PAIRS[0][2]).save(root / "red.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(loaded, media_root):
+    model, processor = loaded
+    server = BardServer(model, processor, ServeConfig(model_name=NAME, media_root=media_root, max_tokens_limit=64,
+                                                       max_image_pixels=256 * 256, max_request_bytes=2_000_000))
+    running = _Running(server)
+    yield server, running
+    running.stop()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[1].base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _messages(i: int, image_url: str | None = "data") -> list[dict]:
+    prompt, _, pic = TOY_PAIRS[i]
+    content: list[dict] = []
+    if pic is not None and image_url is not None:
+        url = _data_url(toy_picture(*pic)) if image_url == "data" else image_url
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def _expected(loaded, i: int, **options) -> tuple[str, dict]:
+    """What model.generate answers for pair ``i`` alone (the same processing path)."""
+    model, processor = loaded
+    prompt, _, pic = TOY_PAIRS[i]
+    content = [{"type": "image", "image": toy_picture(*pic)}] if pic else []
+    content.append({"type": "text", "text": prompt})
+    inputs = encode_messages(processor, [{"role": "user", "content": content}])
+    ids, stats = model.generate(inputs, return_step_stats=True, **options)
+    return processor.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True), stats
+
+
+def test_models_and_health(client, served):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    health = httpx.get(served[1].base + "/health").json()
+    assert health["status"] == "ok" and health["model"] == NAME
+
+
+def test_text_and_image_answers_with_usage(client, loaded):
+    for i in (2, 0):
+        expected, stats = _expected(loaded, i, max_new_tokens=40, block_size=4, denoising_steps=4)
+        reply = client.chat.completions.create(model=NAME, messages=_messages(i), max_tokens=40,
+                                               extra_body={"block_size": 4, "denoising_steps": 4})
+        assert reply.choices[0].message.content == expected
+        assert expected.strip() == TOY_PAIRS[i][1]  # the toy model learnt its answer
+        assert reply.choices[0].finish_reason == "stop"
+        usage = reply.usage
+        assert usage.completion_tokens == stats["num_response_tokens"]
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        bard = usage.model_extra["bard"]
+        assert bard["block_step_counts"] == stats["block_step_counts"] and bard["block_size"] == 4
+        assert bard["forwards"] == stats["forwards_total"]
+        assert bard["tokens_per_forward"] == pytest.approx(stats["num_response_tokens"] / stats["forwards_total"])
+    # a cut answer says so
+    reply = client.chat.completions.create(model=NAME, messages=_messages(2), max_tokens=3)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+
+
+def test_file_paths_only_below_the_media_root(client, loaded, media_root, tmp_path):
+    expected, _ = _expected(loaded, 0, max_new_tokens=40)
+    for url in ("red.png", str(media_root / "red.png"), "file://" + str(media_root / "red.png")):
+        reply = client.chat.completions.create(model=NAME, messages=_messages(0, image_url=url), max_tokens=40)
+        assert reply.choices[0].message.content == expected
+    toy_picture(*TOY_PAIRS[0][2]).save(tmp_path / "outside.png")
+    for url in (str(tmp_path / "outside.png"), "../" + tmp_path.name + "/outside.png"):
+        with pytest.raises(openai.PermissionDeniedError, match="outside the allowed media root"):
+            client.chat.completions.create(model=NAME, messages=_messages(0, image_url=url), max_tokens=8)
+
+
+def test_streaming_sends_one_chunk_per_block(client, loaded):
+    expected, stats = _expected(loaded, 1, max_new_tokens=40, block_size=4)
+    chunks = list(client.chat.completions.create(model=NAME, messages=_messages(1), max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body={"block_size": 4}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    blocks = [c for c in chunks if c.model_extra.get("bard")]
+    assert len(blocks) == stats["num_blocks"] > 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == stats["num_response_tokens"]
+
+
+def test_stop_strings(client, loaded):
+    expected, _ = _expected(loaded, 0, max_new_tokens=40)
+    cut = expected.index("blue")
+    reply = client.chat.completions.create(model=NAME, messages=_messages(0), max_tokens=40, stop=["blue"])
+    assert reply.choices[0].message.content == expected[:cut] and reply.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model=NAME, messages=_messages(0), max_tokens=40, stop="blue", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[:cut]
+
+
+def test_concurrent_answers_equal_answers_one_by_one(client):
+    jobs = [(i % 3, 8 + 8 * (i % 4), 4 if i % 5 else 8) for i in range(12)]
+
+    def ask(job):
+        i, max_tokens, block = job
+        reply = client.chat.completions.create(model=NAME, messages=_messages(i), max_tokens=max_tokens,
+                                               extra_body={"block_size": block, "denoising_steps": block})
+        return reply.choices[0].message.content, reply.usage.completion_tokens, reply.usage.model_extra["bard"]
+
+    one_by_one = [ask(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(ask, jobs))
+    assert [r[:2] for r in together] == [r[:2] for r in one_by_one]
+    assert all(r[2]["mean_batch_size"] == 1 for r in one_by_one)
+    assert max(r[2]["mean_batch_size"] for r in together) > 1  # they were decoded in shared batches
+
+
+def _status(base: str, body, *, raw: bytes | None = None) -> tuple[int, str]:
+    if raw is not None:
+        response = httpx.post(base + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+    return response.status_code, response.json()["error"]["message"]
+
+
+def test_malformed_requests_get_clear_4xx(served, client):
+    base = served[1].base
+    text = [{"role": "user", "content": "How many shapes are there?"}]
+    good = {"model": NAME, "messages": text}
+    red = _data_url(toy_picture(64, 64, (200, 30, 30)))
+    cases = [
+        (dict(good, model="gpt-4o"), 404, "is not served here"),
+        (dict(good, messages=[]), 400, "non-empty list"),
+        (dict(good, messages=[{"role": "robot", "content": "hi"}]), 400, "role must be"),
+        (dict(good, max_tokens=0), 400, "max_tokens must be >= 1"),
+        (dict(good, max_tokens=10_000), 400, "max_tokens must be <= 64"),
+        (dict(good, max_tokens="ten"), 400, "max_tokens must be an integer"),
+        (dict(good, block_size=0), 400, "block_size must be >= 1"),
+        (dict(good, remasking_strategy="best_first"), 400, "unknown remasking_strategy"),
+        (dict(good, top_p=0), 400, "top_p must be > 0"),
+        (dict(good, n=2), 400, "n must be 1"),
+        (dict(good, frequency_penalty=0.5), 400, "not supported"),
+        (dict(good, blocksize=4), 400, "unknown fields ['blocksize']"),
+        (dict(good, stream="yes"), 400, "stream must be true or false"),
+        (dict(good, messages=[{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]), 400, "must be text, image_url"),
+        (dict(good, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
+         400, "remote URLs are not fetched"),
+        (dict(good, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]),
+         400, "not valid base64"),
+        (dict(good, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]),
+         400, "not a readable image"),
+        (dict(good, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(toy_picture(300, 300, (1, 2, 3)))}}]}]),
+         413, "more than the limit"),
+        (dict(good, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": red}}] * 9}]),
+         400, "at most 8 images"),
+        (dict(good, messages=[{"role": "user", "content": "x" * 3_000_000}]), 413, "larger than 2000000 bytes"),
+        ([1, 2], 400, "must be a JSON object"),
+    ]
+    for body, status, message in cases:
+        got, text_ = _status(base, body)
+        assert (got, message in text_) == (status, True), (body if len(str(body)) < 300 else status, text_)
+    assert _status(base, None, raw=b"{not json")[0] == 400
+    with pytest.raises(openai.BadRequestError, match="unknown remasking_strategy"):
+        client.chat.completions.create(model=NAME, messages=text, extra_body={"remasking_strategy": "nope"})
+    assert httpx.get(base + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_full_queue_answers_429(loaded):
+    model, processor = loaded
+    server = BardServer(model, processor, ServeConfig(model_name=NAME, max_queue=0))
+    running = _Running(server)
+    try:
+        busy = openai.OpenAI(base_url=running.base + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            busy.chat.completions.create(model=NAME, messages=_messages(2), max_tokens=4)
+    finally:
+        running.stop()
+        server.close()
+
+
+def test_video_from_the_media_root_and_inline(client, media_root):
+    from nemo_automodel_bard.demo import write_demo_video
+
+    path = write_demo_video(media_root / "clip.mp4")
+    inline = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    question = [{"role": "user", "content": [{"type": "text", "text": "What happens?"}]}]
+    text_only = client.chat.completions.create(model=NAME, messages=question, max_tokens=4).usage.prompt_tokens
+    answers = []
+    for url in ("clip.mp4", inline):
+        messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                 {"type": "text", "text": "What happens?"}]}]
+        reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8)
+        assert reply.usage.prompt_tokens > text_only + 4  # the frames' tokens are in the prompt
+        answers.append(reply.choices[0].message.content)
+    assert answers[0] == answers[1]
