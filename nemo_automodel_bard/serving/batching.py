@@ -287,7 +287,8 @@ class _Cohort:
                 suppress_token_id=opts.mask_token_id,
             )
             k_min = self.schedule[min(step, len(self.schedule) - 1)]
-            commit = select_commits(score, masked, k_min, dynamic=opts.rule.dynamic, threshold=opts.confidence_threshold)
+            commit = select_commits(score, masked, k_min, dynamic=opts.rule.dynamic, threshold=opts.confidence_threshold,
+                                    budget=opts.rule.budget)
             steps += masked.any(-1).long()
             block = torch.where(commit, proposal, block)
             masked = masked ^ commit
