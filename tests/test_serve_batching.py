@@ -72,7 +72,8 @@ def test_different_options_decode_side_by_side(loaded):
     model, processor = loaded
     settings = [dict(block_size=4, denoising_steps=4, confidence_threshold=0.9),
                 dict(block_size=8, denoising_steps=8, remasking_strategy="low_confidence_static"),
-                dict(block_size=2, denoising_steps=2, confidence_threshold=0.5)]
+                dict(block_size=2, denoising_steps=2, confidence_threshold=0.5),
+                dict(block_size=4, denoising_steps=4, remasking_strategy="low_confidence_budget", confidence_threshold=0.8)]
     batcher = ContinuousBatcher(model)
     try:
         jobs = []
