@@ -61,3 +61,14 @@ def toy_model_dir(tmp_path_factory, tiny_model_dir):
     finally:
         torch.set_num_threads(before)
     return out
+
+
+@pytest.fixture(scope="module")
+def loaded(toy_model_dir):
+    """``(model, processor)`` of the toy model as the server and ``infer`` load it, on one torch thread."""
+    from nemo_automodel_bard.serving.prompt import load_for_inference
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_for_inference(toy_model_dir, device="cpu")
+    torch.set_num_threads(before)

@@ -12,22 +12,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import TOY_PAIRS, toy_picture
 
 from nemo_automodel_bard.evaluation.batched import BatchedBardVL, EvalItem
 from nemo_automodel_bard.evaluation.tiny_task import write_tiny_task
-from nemo_automodel_bard.serving.prompt import load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def loaded(toy_model_dir):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_for_inference(toy_model_dir, device="cpu")
-    torch.set_num_threads(before)
 
 
 def _items(n: int = 6, **gen_kwargs) -> list[EvalItem]:

@@ -9,7 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from helpers import TOY_PAIRS, toy_picture
 
 openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install .[serve])")
@@ -17,7 +16,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install .[serve])")
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
 
-from nemo_automodel_bard.serving.prompt import encode_messages, load_for_inference  # noqa: E402
+from nemo_automodel_bard.serving.prompt import encode_messages  # noqa: E402
 from nemo_automodel_bard.serving.server import BardServer, ServeConfig  # noqa: E402
 
 NAME = "bard-vl-toy"
@@ -41,14 +40,6 @@ class _Running:
     def stop(self) -> None:
         self.uv.should_exit = True
         self.thread.join(30)
-
-
-@pytest.fixture(scope="module")
-def loaded(toy_model_dir):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_for_inference(toy_model_dir, device="cpu")
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,7 @@ from helpers import TOY_PAIRS, toy_picture
 
 from nemo_automodel_bard.models.bard_vl.generation_bard_vl import resolve_generate_options
 from nemo_automodel_bard.serving.batching import ContinuousBatcher, QueueFull, Request
-from nemo_automodel_bard.serving.prompt import encode_messages, load_for_inference
-
-
-@pytest.fixture(scope="module")
-def loaded(toy_model_dir):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_for_inference(toy_model_dir, device="cpu")
-    torch.set_num_threads(before)
+from nemo_automodel_bard.serving.prompt import encode_messages
 
 
 def _inputs(processor, i: int, with_image: bool = True):
