@@ -22,6 +22,7 @@ SMOKE_OVERRIDES = [
     "pbm.first_stage_steps=3",
     "pbm.block_steps=null",
     "swd.student_block_sizes=[8]",
+    "swd.control=true",
     "swd.teacher_block_size=4",
     "swd.anchor_extra_steps=2",
     "swd.max_steps=2",
@@ -54,6 +55,8 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["data.order=sorted"], r"data.order must be one of \('reading', 'random', 'subset'\)"),
         (["swd.anchor_path=/no/such/anchor"], r"swd.anchor_path: /no/such/anchor is not an exported model directory"),
         (["evaluate.device=gpu0"], r"evaluate.device: 'gpu0' is not a device"),
+        (["+swd.student_init={32: 64}"], r"swd.student_init: the B=32 student cannot start from B=64: no PBM stage"),
+        (["swd.control=[yes]"], r"swd.control must be true, false or a list of student block sizes, got \['yes'\]"),
     ],
 )
 def test_inconsistent_configs_fail_before_any_work(tmp_path, overrides, message):

@@ -83,7 +83,8 @@ def test_ar_stage_seeds_initialisation_and_vision_warmup(tmp_path, monkeypatch):
 
 def test_swd_student_and_control_see_the_same_stream(tmp_path, monkeypatch):
     runs = record_training(monkeypatch)
-    ctx = _ctx(tmp_path, ["swd.student_block_sizes=[16]", "swd.anchor_extra_steps=5"])
+    ctx = _ctx(tmp_path, ["swd.student_block_sizes=[16]", "swd.anchor_extra_steps=5", "swd.control=true",
+                          "swd.student_init=null"])
     ctx.outputs["pbm"] = {"b4_dir": str(tmp_path / "b4"), "b16_dir": str(tmp_path / "b16")}
     stages.stage_swd(ctx)
     anchor, kd, control = runs
@@ -91,6 +92,27 @@ def test_swd_student_and_control_see_the_same_stream(tmp_path, monkeypatch):
     for key in ("seed", "dataloader.collate_fn.seed", "dataset.offset", "dataset.size"):
         assert kd[key] == control[key], key  # paired: same images, order and noise
         assert anchor[key] != kd[key], key  # the anchor's extra steps read other images
+
+
+def test_default_swd_students_start_from_the_named_pbm_exports_and_controls_follow_the_list(tmp_path, monkeypatch):
+    runs = record_training(monkeypatch)
+    ctx = _ctx(tmp_path, [])  # default: students B=16 (from PBM B=32) and B=32, a control for B=32 only
+    ctx.outputs["pbm"] = {f"b{b}_dir": str(tmp_path / f"b{b}") for b in (4, 16, 32)}
+    result = stages.stage_swd(ctx)
+    inits = [(r["dataloader.collate_fn.block_size"], r["bard.kd_weight"] > 0, r["model.pretrained_model_name_or_path"])
+             for r in runs]
+    assert inits == [(16, True, str(tmp_path / "b32")), (32, True, str(tmp_path / "b32")),
+                     (32, False, str(tmp_path / "b32"))]
+    assert all(r["teacher_model.pretrained_model_name_or_path"] == str(tmp_path / "b4") for r in runs)
+    assert "kd_b16_dir" in result and "ce_b16_dir" not in result and "ce_b32_dir" in result
+    # without student_init each student starts from its own block size
+    runs.clear()
+    other = tmp_path / "other"  # (same work_dir: the B=32 student would be reused, its fingerprint unchanged)
+    other.mkdir()
+    ctx = _ctx(other, ["swd.student_init=null", "swd.control=false"])
+    ctx.outputs["pbm"] = {f"b{b}_dir": str(tmp_path / f"b{b}") for b in (4, 16, 32)}
+    stages.stage_swd(ctx)
+    assert [r["model.pretrained_model_name_or_path"] for r in runs] == [str(tmp_path / "b16"), str(tmp_path / "b32")]
 
 
 def test_training_fingerprint_covers_code_recipe_and_numerics(tmp_path, monkeypatch):

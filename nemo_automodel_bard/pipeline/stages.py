@@ -250,9 +250,9 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
     return outputs
 
 
-def complementary_blocks(section: dict[str, Any], block: int) -> bool:
-    """Whether ``pbm.complementary`` (``true``, ``false``, or a list of block sizes) applies at ``block``."""
-    value = section.get("complementary")
+def applies_at(value: Any, block: int) -> bool:
+    """Whether a per-block-size switch (``true``, ``false``, or a list of block sizes) is on at ``block``
+    (``pbm.complementary``, ``swd.control``)."""
     if isinstance(value, (list, tuple)):
         return int(block) in {int(b) for b in value}
     return bool(value)
@@ -262,7 +262,7 @@ def _objective_overrides(section: dict[str, Any], block: int) -> dict[str, Any]:
     """The diffusion-objective options of ``pbm`` for one block size as collator overrides (only those set away
     from the published behaviour, so that default runs keep their fingerprints)."""
     out: dict[str, Any] = {}
-    if complementary_blocks(section, block):
+    if applies_at(section.get("complementary"), block):
         out["dataloader.collate_fn.complementary"] = True
     if section.get("max_loss_weight") is not None:
         out["dataloader.collate_fn.max_loss_weight"] = float(section["max_loss_weight"])
@@ -382,20 +382,23 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
             result["anchor_log"] = out["log_dir"]
     result["anchor_dir"] = anchor_dir
     previous_teacher = (anchor_dir, teacher_block)
+    student_init = {int(k): int(v) for k, v in (section.get("student_init") or {}).items()}
     for student in section["student_block_sizes"]:
         student = int(student)
         if student <= teacher_block:
             raise ValueError(f"swd.student_block_sizes: {student} is not larger than the teacher's {teacher_block}")
         teacher_dir, teacher_b = previous_teacher if section["anchor"] == "previous" else (anchor_dir, teacher_block)
         runs = [("kd", float(section["kd_weight"]))]
-        if section.get("control", True):
+        if applies_at(section.get("control", True), student):
             runs.append(("ce", 0.0))
+        # the PBM export the student starts from: its own block size unless swd.student_init names another
+        init_block = student_init.get(student, student)
         for label, kd_weight in runs:
             # the control has no KD term: its run (and fingerprint) must not depend on the KD settings, so a
             # sweep over them trains it once
             kd = section if kd_weight else _CONTROL_KD
             overrides = {
-                "model.pretrained_model_name_or_path": pbm[f"b{student}_dir"],
+                "model.pretrained_model_name_or_path": pbm[f"b{init_block}_dir"],
                 "teacher_model.pretrained_model_name_or_path": teacher_dir,
                 "bard.teacher_block_size": teacher_b,
                 "dataloader.collate_fn.block_size": student,

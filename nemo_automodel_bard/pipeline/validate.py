@@ -94,6 +94,16 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 )
             if student not in blocks:
                 raise PipelineConfigError(f"swd.student_block_sizes: {student} has no PBM stage (pbm.block_sizes={blocks})")
+        control = swd.get("control", True)
+        if not isinstance(control, bool) and not (
+                isinstance(control, (list, tuple))
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in control)):
+            raise PipelineConfigError(f"swd.control must be true, false or a list of student block sizes, got {control!r}")
+        for student, init in (swd.get("student_init") or {}).items():  # students not trained are ignored
+            if int(student) in swd["student_block_sizes"] and init not in blocks:
+                raise PipelineConfigError(
+                    f"swd.student_init: the B={student} student cannot start from B={init}: no PBM stage "
+                    f"(pbm.block_sizes={blocks})")
         if not isinstance(swd.get("teacher_cache", False), bool):
             raise PipelineConfigError(f"swd.teacher_cache must be true or false, got {swd.get('teacher_cache')!r}")
         if swd["direction"] not in ("forward", "reverse"):
