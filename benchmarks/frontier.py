@@ -9,6 +9,9 @@ the cores.
     python benchmarks/frontier.py --model b32=runs/tiny-shapes/seed0/pbm_b32-.../final --ar runs/.../ar_init-... \\
         --thresholds 0.5 0.7 0.8 0.9 0.95 0.99 --rules low_confidence_dynamic low_confidence_budget \\
         --out docs/benchmarks/frontier_seed0.md
+
+``--prefill fused separate`` decodes every setting both with the fused prefill (the default decoder: the
+prompt's forward is also block 0's first denoising step) and with the published separate prefill forward.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--speed-at", default="0.9", help="threshold of the batch-1 tokens/s measurement")
+    parser.add_argument("--prefill", nargs="+", choices=["fused", "separate"], default=["fused"],
+                        help="decoders: fused prefill (default) and/or the separate prefill forward")
     parser.add_argument("--out", required=True, help="Markdown file; the plot and a JSON go beside it")
     args = parser.parse_args(argv)
 
@@ -44,25 +49,32 @@ def main(argv: list[str] | None = None) -> int:
         r = evaluate_model(args.ar, records, mode="ar")
         rows.append({"model": "ar", "rule": "autoregressive", "threshold": None, "accuracy": r["accuracy"],
                      "tokens_per_forward": r["tokens_per_forward"]})
+    def label(rule: str, prefill: str) -> str:
+        return rule if len(args.prefill) == 1 else f"{rule} ({prefill} prefill)"
+
     for spec in args.model:
         name, _, model_dir = spec.partition("=")
-        for rule in args.rules:
-            for threshold in args.thresholds:
-                r = evaluate_model(model_dir, records, threshold=threshold, remasking_strategy=rule)
-                rows.append({"model": name, "rule": rule, "threshold": threshold, "accuracy": r["accuracy"],
-                             "tokens_per_forward": r["tokens_per_forward"]})
-                print(f"{name} {rule} {threshold}: {100 * r['accuracy']:.1f} % @ {r['tokens_per_forward']:.2f}",
-                      flush=True)
+        for prefill in args.prefill:
+            for rule in args.rules:
+                for threshold in args.thresholds:
+                    r = evaluate_model(model_dir, records, threshold=threshold, remasking_strategy=rule,
+                                       fused_prefill=prefill == "fused")
+                    rows.append({"model": name, "rule": label(rule, prefill), "threshold": threshold,
+                                 "accuracy": r["accuracy"], "tokens_per_forward": r["tokens_per_forward"]})
+                    print(f"{name} {label(rule, prefill)} {threshold}: {100 * r['accuracy']:.1f} % @ "
+                          f"{r['tokens_per_forward']:.2f}", flush=True)
     speed = []
     if args.ar:
         r = evaluate_model(args.ar, records, mode="ar", batch_size=1)
         speed.append(("ar (autoregressive)", r["accuracy"], r["tokens_per_second"]))
     for spec in args.model:
         name, _, model_dir = spec.partition("=")
-        for rule in args.rules:
-            r = evaluate_model(model_dir, records, threshold=float(args.speed_at), remasking_strategy=rule,
-                               batch_size=1)
-            speed.append((f"{name} {rule} @ {args.speed_at}", r["accuracy"], r["tokens_per_second"]))
+        for prefill in args.prefill:
+            for rule in args.rules:
+                r = evaluate_model(model_dir, records, threshold=float(args.speed_at), remasking_strategy=rule,
+                                   batch_size=1, fused_prefill=prefill == "fused")
+                speed.append((f"{name} {label(rule, prefill)} @ {args.speed_at}", r["accuracy"],
+                              r["tokens_per_second"]))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["model"] for r in rows if r["threshold"] is not None):
-        for rule in args.rules:
+        for rule in dict.fromkeys(r["rule"] for r in rows if r["threshold"] is not None):
             pts = sorted((r["tokens_per_forward"], 100 * r["accuracy"]) for r in rows
                          if r["model"] == name and r["rule"] == rule)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} {rule}")

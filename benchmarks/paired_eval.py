@@ -6,6 +6,8 @@ threshold found on both sides: accuracy and tokens per forward per seed and on a
 gets right and the other wrong, pooled over seeds, with the exact two-sided sign test.
 
     python benchmarks/paired_eval.py --base runs/a-seed0/eval runs/a-seed1/eval --new runs/b-seed0/eval runs/b-seed1/eval
+
+``--pair pbm_b32@0.9 self_distill_b32@0.9`` compares two models of the same runs (``--new`` may then be left out).
 """
 
 from __future__ import annotations
@@ -29,16 +31,25 @@ def _load(directory: str) -> dict[str, dict]:
     return out
 
 
-def compare(base_dirs: list[str], new_dirs: list[str], models: list[str] | None = None) -> list[dict]:
-    """One row per model@threshold present in every directory of both sides."""
+def compare(base_dirs: list[str], new_dirs: list[str], models: list[str] | None = None,
+            pair: tuple[str, str] | None = None) -> list[dict]:
+    """One row per model@threshold present in every directory of both sides (``pair``: one row, the first
+    result name on the base side against the second on the new side)."""
     if len(base_dirs) != len(new_dirs):
         raise SystemExit("--base and --new need one directory per seed each, in the same order")
     base = [_load(d) for d in base_dirs]
     new = [_load(d) for d in new_dirs]
+    if pair:
+        missing = [f"{name} in {d}" for side, dirs, name in ((base, base_dirs, pair[0]), (new, new_dirs, pair[1]))
+                   for results, d in zip(side, dirs) if name not in results]
+        if missing:
+            raise SystemExit(f"--pair: no result {', '.join(missing)}")
+        base = [{f"{pair[0]} -> {pair[1]}": r[pair[0]]} for r in base]
+        new = [{f"{pair[0]} -> {pair[1]}": r[pair[1]]} for r in new]
     keys = set.intersection(*(set(r) for r in base + new))
     rows = []
     for key in sorted(keys):
-        if models and key.split("@")[0] not in models:
+        if models and not pair and key.split("@")[0] not in models:
             continue
         wins = losses = n = 0
         acc_b, acc_n, tpf_b, tpf_n = [], [], [], []
@@ -73,10 +84,14 @@ def render(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", nargs="+", required=True, help="evaluation directories of the baseline, one per seed")
-    parser.add_argument("--new", nargs="+", required=True, help="evaluation directories of the change, same seeds")
+    parser.add_argument("--new", nargs="+", help="evaluation directories of the change, same seeds (default: --base)")
     parser.add_argument("--models", nargs="*", help="only these model names (e.g. pbm_b2 pbm_b32)")
+    parser.add_argument("--pair", nargs=2, metavar=("BASE", "NEW"),
+                        help="compare result BASE (e.g. pbm_b32@0.9) with result NEW of the same or the --new runs")
     args = parser.parse_args(argv)
-    print(render(compare(args.base, args.new, args.models)))
+    if args.new is None and not args.pair:
+        parser.error("--new is required unless --pair compares two models of the same runs")
+    print(render(compare(args.base, args.new or args.base, args.models, tuple(args.pair) if args.pair else None)))
     return 0
 
 

@@ -120,7 +120,7 @@ def test_fused_equals_separate_and_reference(model, toy, block_size):
             fused, fs = model.generate(example.inputs, **kwargs)
             assert len(calls) == fs["forwards_total"]
             calls.clear()
-            separate, ss = model.generate(example.inputs, fused_commit=False, **kwargs)
+            separate, ss = model.generate(example.inputs, fused_commit=False, fused_prefill=False, **kwargs)
             assert len(calls) == ss["forwards_total"]
             model.__dict__.pop("forward")
             ref, rs = reference.reference_generate(model, example.inputs, 48, block_size, steps,
@@ -129,13 +129,14 @@ def test_fused_equals_separate_and_reference(model, toy, block_size):
             assert torch.equal(fused, separate), label
             assert torch.equal(fused, ref), (label, fused, ref)
             assert fused[0, -1].item() == eos or fused.shape[1] == 48
-            # exactly one forward per block fewer, except after the last block
+            # exactly one forward per block fewer, except after the last block, and the prefill is block 0's
+            # first denoising step
             n = fs["num_blocks"]
             assert ss["num_blocks"] == n == len(rs["block_step_counts"])
             assert fs["block_step_counts"] == ss["block_step_counts"] == rs["block_step_counts"]
-            assert fs["forwards_total"] == 1 + sum(fs["block_step_counts"])
+            assert fs["forwards_total"] == sum(fs["block_step_counts"])
             assert ss["forwards_total"] == 1 + sum(ss["block_step_counts"]) + (n - 1)
-            assert ss["forwards_total"] - fs["forwards_total"] == n - 1
+            assert ss["forwards_total"] - fs["forwards_total"] == n
             assert rs["forwards_total"] == ss["forwards_total"]
             assert fs["commit_forwards"] == 0 and ss["commit_forwards"] == rs["commit_forwards"] == n - 1
             assert fs["num_response_tokens"] == rs["num_response_tokens"] == fused.shape[1]
@@ -181,6 +182,33 @@ def test_batch_output_equals_single_output(model, toy, fused):
         assert stats["num_response_tokens"] == sum(stats["response_tokens_per_sample"])
 
 
+def test_fused_prefill_gives_the_same_tokens_with_one_forward_less_per_sample(model, toy):
+    """Mixed prompt lengths (left padding) and image sizes: the fused prefill decodes exactly the separate
+    prefill's tokens, the same steps per block, and every sample takes one forward less."""
+    _, processor, examples = toy
+    batch = batch_examples(processor, [examples[2], examples[0], examples[1]])
+    for rule, threshold, block in [("low_confidence_dynamic", 0.9, 4), ("low_confidence_static", 0.9, 8),
+                                   ("low_confidence_budget", 0.5, 8), ("margin_dynamic", 0.7, 16)]:
+        kwargs = dict(max_new_tokens=40, block_size=block, denoising_steps=block, remasking_strategy=rule,
+                      confidence_threshold=threshold, return_step_stats=True)
+        calls = _count_forwards(model)
+        fused, fs = model.generate(batch, **kwargs)
+        assert len(calls) == fs["forwards_total"]
+        calls.clear()
+        separate, ss = model.generate(batch, fused_prefill=False, **kwargs)
+        assert len(calls) == ss["forwards_total"]
+        model.__dict__.pop("forward")
+        label = (rule, threshold, block)
+        assert torch.equal(fused, separate), label
+        assert fs["block_step_counts"] == ss["block_step_counts"], label
+        assert fs["forwards_total"] == ss["forwards_total"] - 1, label
+        assert fs["forwards_per_sample"] == [n - 1 for n in ss["forwards_per_sample"]], label
+        assert fs["prefill_forwards"] == ss["prefill_forwards"] == 1, label
+        assert fs["denoising_forwards"] == ss["denoising_forwards"] - 1, label
+        assert fs["num_denoising_steps"] == ss["num_denoising_steps"], label
+        assert fs["fused_prefill"] and not ss["fused_prefill"]
+
+
 def test_right_padding_gives_the_same_tokens(model, toy):
     _, processor, examples = toy
     left = batch_examples(processor, [examples[2], examples[0]])
@@ -224,9 +252,9 @@ def test_stats_count_every_forward_and_stop_at_a_forced_eos(model, toy):
     assert stats["num_response_tokens"] == 6 and stats["response_tokens_per_sample"] == [6]
     assert stats["num_blocks"] == 2 and len(stats["block_step_counts"]) == 2
     assert stats["forwards_total"] == len(calls) == 1 + stats["denoising_forwards"] + stats["commit_forwards"]
-    assert stats["prefill_forwards"] == 1
-    assert stats["num_denoising_steps"] == stats["denoising_forwards"] == sum(stats["block_step_counts"])
-    assert stats["tpf"] == pytest.approx(6 / stats["denoising_forwards"])
+    assert stats["prefill_forwards"] == 1 and stats["fused_prefill"]  # the prefill was block 0's first step
+    assert stats["num_denoising_steps"] == stats["denoising_forwards"] + 1 == sum(stats["block_step_counts"])
+    assert stats["tpf"] == pytest.approx(6 / stats["num_denoising_steps"])
     assert stats["tokens_per_forward"] == pytest.approx(6 / stats["forwards_total"])
     assert stats["tokens_per_second"] > 0 and stats["elapsed_s"] > 0
 

@@ -45,9 +45,9 @@ def test_video_prompt_decodes(tiny_model, tiny_processor, video_path):
     assert (batch["input_ids"] == tiny_model.config.video_token_id).sum() > 0
     kwargs = dict(max_new_tokens=16, block_size=4, denoising_steps=2, return_step_stats=True)
     fused, fs = tiny_model.generate(batch, **kwargs)
-    separate, ss = tiny_model.generate(batch, fused_commit=False, **kwargs)
+    separate, ss = tiny_model.generate(batch, fused_commit=False, fused_prefill=False, **kwargs)
     assert torch.equal(fused, separate)
-    assert ss["forwards_total"] - fs["forwards_total"] == fs["num_blocks"] - 1
+    assert ss["forwards_total"] - fs["forwards_total"] == fs["num_blocks"]  # a commit per block and the prefill
     assert fused.shape[0] == 1 and 1 <= fused.shape[1] <= 16
     assert not bool((fused == tiny_model.config.mask_token_id).any())
 
@@ -66,7 +66,7 @@ def test_model_card_helper(tiny_model_dir, tmp_path, video_path, kind):
     assert isinstance(text, str)
     assert ids.ndim == 2 and ids.shape[0] == 1 and 1 <= ids.shape[1] <= 32
     assert stats["block_size"] == 16 and stats["remasking_strategy"] == "low_confidence_dynamic"
-    assert stats["forwards_total"] == 1 + sum(stats["block_step_counts"])
+    assert stats["forwards_total"] == sum(stats["block_step_counts"])  # the prefill is block 0's first step
     assert stats["num_response_tokens"] == ids.shape[1]
 
 
@@ -85,3 +85,5 @@ def test_flex_attention_path_matches_sdpa(tiny_model_dir, tiny_model, tiny_proce
     batch = dict(tiny_processor(text=texts, padding=True, return_tensors="pt"))
     kwargs = dict(max_new_tokens=8, block_size=4, denoising_steps=1, remasking_strategy="low_confidence_static")
     assert torch.equal(flex.generate(batch, **kwargs), tiny_model.generate(batch, **kwargs))
+    # the fused prefill's mask as a BlockMask gives the separate prefill's tokens
+    assert torch.equal(flex.generate(batch, **kwargs), flex.generate(batch, fused_prefill=False, **kwargs))

@@ -301,3 +301,13 @@ def test_paired_eval_pools_seeds_and_counts_discordant_records(tmp_path):
     assert row["tpf_base"] == 11.0 and row["tpf_new"] == 12.0
     assert row["p"] == pytest.approx(0.625)
     assert "| pbm_b32@0.9 | 8 |" in paired_eval.render([row])
+    # two models of the same runs
+    for d, correct in (("b0", [1, 1, 1, 0]), ("b1", [1, 1, 1, 1])):
+        (tmp_path / d / "self_distill_b32@0.9.json").write_text(json.dumps(
+            {"correct": correct, "accuracy": sum(correct) / len(correct), "tokens_per_forward": 15.0}))
+    dirs = [str(tmp_path / "b0"), str(tmp_path / "b1")]
+    (row,) = paired_eval.compare(dirs, dirs, pair=("pbm_b32@0.9", "self_distill_b32@0.9"))
+    assert row["model"] == "pbm_b32@0.9 -> self_distill_b32@0.9"
+    assert (row["n"], row["won"], row["lost"]) == (8, 2, 0) and row["tpf_new"] == 15.0
+    with pytest.raises(SystemExit, match="no result nothing@0.9"):
+        paired_eval.compare(dirs, dirs, pair=("nothing@0.9", "pbm_b32@0.9"))

@@ -22,7 +22,8 @@ def _inputs(processor, i: int, with_image: bool = True):
 
 
 def _alone(model, inputs, **options):
-    ids, stats = model.generate(inputs, return_step_stats=True, **options)
+    """``generate`` alone with a separate prefill (the batcher prefills each request before it joins)."""
+    ids, stats = model.generate(inputs, return_step_stats=True, fused_prefill=False, **options)
     return ids[0].tolist(), stats
 
 

@@ -3,7 +3,11 @@
 Algorithm (docs/decoding.md) with our improvements over the published decoder:
 
 1. **Prefill** the prompt once with the block-causal prompt mask (prompt position ``p`` is in
-   block ``p // B``); only K/V are kept, no prompt logits are computed.
+   block ``p // B``); only K/V are kept, no prompt logits are computed. **Fused prefill**: the first
+   response block's MASK tokens go into the same forward (they see every prompt key and each other,
+   no prompt query sees them), so the prefill is also block 0's first denoising step -- the same
+   logits with one forward fewer per call (``fused_prefill=False`` runs the published separate
+   prefill).
 2. For each response block: start from ``B`` MASK tokens and run up to ``denoising_steps``
    forwards that read the cache; each step proposes a token per masked position and commits some
    of them (see :mod:`.unmasking`). Committed tokens are final (unless ``revise=True``).
@@ -67,6 +71,7 @@ class DecodingOptions:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     fused_commit: bool = True
+    fused_prefill: bool = True
     revise: bool = False
     eos_exit: bool = True
     revision_threshold: float = 0.9
@@ -170,6 +175,7 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
         fused_commit=bool(_first(given.get("fused_commit"), True)),
+        fused_prefill=bool(_first(given.get("fused_prefill"), True)),
         revise=bool(_first(given.get("revise"), False)),
         eos_exit=bool(_first(given.get("eos_exit"), True)),
         revision_threshold=_first(given.get("revision_threshold"), 0.9),
@@ -240,13 +246,19 @@ class _MaskBuilder:
 
         return create_block_mask(mask_mod, self.batch, None, visible.shape[1], visible.shape[2], device=str(self.device))
 
-    def prefill(self, valid: torch.Tensor, prompt_block: torch.Tensor) -> Any:
-        """Block-causal prompt mask: valid keys of the same or an earlier prompt block.
+    def prefill(self, valid: torch.Tensor, prompt_block: torch.Tensor, block: int = 0) -> Any:
+        """Block-causal prompt mask: valid keys of the same or an earlier prompt block; with ``block > 0``
+        the queries ``[prompt | noisy block]`` of a fused prefill, where the noisy block sees every valid
+        prompt key and itself and no prompt query sees it (the denoising step's own mask).
 
         Padding queries see themselves (their outputs are never used; this keeps SDPA NaN-free).
         """
-        visible = valid[:, None, :] & (prompt_block[:, None, :] <= prompt_block[:, :, None])
-        visible |= torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)[None]
+        prompt = valid.shape[1]
+        visible = torch.zeros(self.batch, prompt + block, prompt + block, dtype=torch.bool, device=valid.device)
+        visible[:, :prompt, :prompt] = valid[:, None, :] & (prompt_block[:, None, :] <= prompt_block[:, :, None])
+        visible[:, prompt:, :prompt] = valid[:, None, :]
+        visible[:, prompt:, prompt:] = True
+        visible |= torch.eye(prompt + block, dtype=torch.bool, device=valid.device)[None]
         if self.flex:
             return self._flex(visible)
         additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
@@ -323,6 +335,7 @@ class _BlockDecoder:
         self.forwards = {"prefill": 0, "denoise": 0, "commit": 0}
         self.revision_forwards = torch.zeros((), dtype=torch.long, device=device)
         self._empty = torch.empty(0, dtype=torch.long, device=device)
+        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt positions/blocks awaiting a fused prefill
         # flat logits rows of the noisy block, for q = B (separate) and q = 2B (fused first step)
         rows = torch.arange(self.batch, device=device)[:, None]
         self.noisy_rows = {
@@ -332,6 +345,8 @@ class _BlockDecoder:
 
     # -------------------------------------------------------------------------------- forwards
     def prefill(self) -> None:
+        """Positions of the response; the prompt's forward itself unless ``fused_prefill`` (then block 0's
+        first denoising forward also writes the prompt's K/V: :meth:`_fused_prefill_inputs`)."""
         data, B = self.data, self.B
         input_ids = data["input_ids"]
         prompt_pos = self.model.position_ids_for(
@@ -345,6 +360,9 @@ class _BlockDecoder:
         offsets = torch.arange(self.num_blocks * B, device=self.device)
         self.response_positions = self.response_start[:, None] + offsets  # [batch, capacity]
         prompt_block = (self.valid.long().cumsum(-1) - 1).clamp_min(0) // B
+        if self.opts.fused_prefill:
+            self._prompt = (prompt_pos, prompt_block)
+            return
         self.model(
             input_ids=input_ids,
             attention_mask=self.masks.prefill(self.valid, prompt_block),
@@ -356,6 +374,28 @@ class _BlockDecoder:
         )
         self.forwards["prefill"] += 1
         self.cached = self.prompt_len
+
+    def _fused_prefill_inputs(self, block: torch.Tensor) -> dict[str, Any]:
+        """Model inputs of the fused prefill: ``[prompt | block 0]`` in one forward, logits of the noisy block.
+
+        The prompt's queries see what they see in a prefill of their own and the noisy block's what they
+        see in a denoising step after it, so the logits equal those of prefill + first step; one forward
+        fewer per ``generate``."""
+        prompt_pos, prompt_block = self._prompt
+        self._prompt = None
+        P, B, data = self.prompt_len, self.B, self.data
+        media = media_inputs(data)
+        if media.get("mm_token_type_ids") is not None:  # the MASK tokens are text
+            types = media["mm_token_type_ids"]
+            media["mm_token_type_ids"] = torch.cat([types, types.new_zeros(self.batch, B)], dim=1)
+        rows = torch.arange(self.batch, device=self.device)[:, None]
+        return {
+            "input_ids": torch.cat([data["input_ids"], block], dim=1),
+            "attention_mask": self.masks.prefill(self.valid, prompt_block, B),
+            "position_ids": torch.cat([prompt_pos, self.positions(0)[None].expand(3, self.batch, B)], dim=-1),
+            "logits_positions": (rows * (P + B) + P + self.arange_b).reshape(-1),
+            **media,
+        }
 
     def positions(self, k: int) -> torch.Tensor:
         """Response positions ``[batch, B]`` of block ``k`` (text positions continue after the prompt)."""
@@ -423,18 +463,22 @@ class _BlockDecoder:
             pos_in = both[None].expand(3, batch, 2 * B)
         else:
             tokens_in, pos_in = block, pos_ids
+        # the first step of block 0 with fused prefill: the prompt goes in with the noisy block
+        inputs = self._fused_prefill_inputs(block) if self._prompt is not None else None
         step = 0
         while True:
-            logits = model(
-                input_ids=tokens_in,
-                attention_mask=mask,
-                position_ids=pos_in,
-                past_key_values=cache,
-                use_cache=True,
-                logits_positions=self.noisy_rows[n_clean],
-            ).logits.view(batch, B, -1)
-            self.forwards["denoise"] += 1
-            _drop_last(cache, B)  # drop the noisy block's K/V; a fused clean block's K/V stay
+            if inputs is None:
+                inputs = {"input_ids": tokens_in, "attention_mask": mask, "position_ids": pos_in,
+                          "logits_positions": self.noisy_rows[n_clean]}
+            logits = model(**inputs, past_key_values=cache, use_cache=True).logits.view(batch, B, -1)
+            inputs = None
+            _drop_last(cache, B)  # drop the noisy block's K/V; fused clean (prompt or block) K/V stay
+            if self.cached < self.prompt_len:  # that was the fused prefill
+                self.forwards["prefill"] += 1
+                self.cached = self.prompt_len
+                mask = masks.step(self.cached, 0, B)
+            else:
+                self.forwards["denoise"] += 1
             if n_clean:
                 self.cached += n_clean
                 n_clean = 0
@@ -529,6 +573,7 @@ def block_diffusion_generate(
     *,
     generation_config: Any = None,
     fused_commit: bool | None = None,
+    fused_prefill: bool | None = None,
     revise: bool | None = None,
     revision_threshold: float | None = None,
     max_revision_steps: int | None = None,
@@ -558,6 +603,8 @@ def block_diffusion_generate(
             finished early still waits for the others); ``forwards_per_sample`` holds the forwards each
             sample itself took part in until its EOS (prefill included), i.e. what it costs at batch 1.
         fused_commit: write a finished block's K/V in the next block's first forward (default).
+        fused_prefill: run the prompt and block 0's first denoising step as one forward (default; same
+            output, one forward fewer; ``False``: the published separate prefill forward).
         revise: allow replacing committed tokens of the current block when the model now prefers
             another token with probability above ``revision_threshold``; a sample whose block is
             complete gets at most ``max_revision_steps`` extra forwards per block for that.
@@ -593,6 +640,7 @@ def block_diffusion_generate(
         remasking_strategy=remasking_strategy,
         confidence_threshold=confidence_threshold,
         fused_commit=fused_commit,
+        fused_prefill=fused_prefill,
         revise=revise,
         revision_threshold=revision_threshold,
         max_revision_steps=max_revision_steps,
@@ -684,13 +732,16 @@ def _decode(
     # forwards between its blocks (not with fused commit), and every revision forward
     active_blocks = (block_steps > 0).sum(-1)
     commits = torch.zeros_like(active_blocks) if opts.fused_commit else (active_blocks - 1).clamp(min=0)
-    per_sample_forwards = forwards["prefill"] + block_steps.sum(-1) + commits + int(dec.revision_forwards)
+    # a fused prefill is also block 0's first denoising step (counted once, as the prefill)
+    fused_steps = int(opts.fused_prefill)
+    per_sample_forwards = (forwards["prefill"] + block_steps.sum(-1) - fused_steps + commits
+                           + int(dec.revision_forwards))
     stats: dict[str, Any] = {
         # published keys (honest values: tokens up to EOS; batch 1 gives plain ints/lists)
         "block_step_counts": block_steps[0].tolist() if batch == 1 else block_steps.tolist(),
         "num_response_tokens": num_tokens,
-        "num_denoising_steps": forwards["denoise"],
-        "tpf": num_tokens / max(batch * forwards["denoise"], 1),
+        "num_denoising_steps": forwards["denoise"] + fused_steps,
+        "tpf": num_tokens / max(batch * (forwards["denoise"] + fused_steps), 1),
         # honest additions
         "forwards_total": total_forwards,
         "prefill_forwards": forwards["prefill"],
@@ -706,6 +757,7 @@ def _decode(
         "remasking_strategy": opts.remasking_strategy,
         "confidence_threshold": float(opts.confidence_threshold),
         "fused_commit": opts.fused_commit,
+        "fused_prefill": opts.fused_prefill,
     }
     if record_trajectory:
         stats["trajectory"] = trajectory

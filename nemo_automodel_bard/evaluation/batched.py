@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 #: decoding options a user may set as model_args (None = the checkpoint's generation config)
 DECODING_ARGS = ("max_new_tokens", "block_size", "denoising_steps", "confidence_threshold", "remasking_strategy",
-                 "temperature", "top_k", "top_p", "fused_commit", "eos_exit")
+                 "temperature", "top_k", "top_p", "fused_commit", "fused_prefill", "eos_exit")
 
 
 @dataclass

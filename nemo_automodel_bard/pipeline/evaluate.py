@@ -230,11 +230,13 @@ def evaluate_model(
     max_new_tokens: int = 64,
     record_trajectory_of: int | None = None,
     device: str = "auto",
+    fused_prefill: bool = True,
 ) -> dict[str, Any]:
     """Decode every record and score it.
 
     ``order``: the shapes task's answer order (:func:`nemo_automodel_bard.data.shapes.exact_match`). ``device``:
     ``"auto"`` (the first CUDA device when there is one, else the CPU) or any ``torch.device`` string.
+    ``fused_prefill``: the decoder's (default); ``False`` runs the published separate prefill forward.
 
     Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``token_f1`` (chat data), ``tokens_per_forward``
     (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
@@ -268,7 +270,7 @@ def evaluate_model(
                 model, inputs, max_new_tokens=max_new_tokens, block_size=block_size,
                 denoising_steps=denoising_steps or block_size, temperature=0.0, top_k=0, top_p=1.0,
                 remasking_strategy=remasking_strategy, confidence_threshold=threshold, return_step_stats=True,
-                record_trajectory=want_trajectory,
+                record_trajectory=want_trajectory, fused_prefill=fused_prefill,
             )
             if want_trajectory:
                 trajectory = {"stats": stats, "sample": record_trajectory_of % batch_size}

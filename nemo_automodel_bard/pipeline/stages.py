@@ -1,4 +1,4 @@
-"""The pipeline's stages: AR pre-training (tiny), AR init, PBM, SWD, evaluation, report.
+"""The pipeline's stages: AR pre-training (tiny), AR init, PBM, SWD, self-distillation, evaluation, report.
 
 Each stage gets the resolved config and earlier stages' outputs, writes under ``work_dir`` into a
 directory named after its configuration fingerprint, and returns its outputs; the manifest records
@@ -29,7 +29,7 @@ from .manifest import Manifest, fingerprint
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("ar_pretrain", "ar_init", "pbm", "swd", "evaluate", "report")
+STAGE_ORDER = ("ar_pretrain", "ar_init", "pbm", "swd", "self_distill", "evaluate", "report")
 
 
 @dataclass
@@ -426,6 +426,71 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def self_distill_source(ctx: Context) -> str:
+    """The export the ``self_distill`` stage starts from (and whose answers it trains on)."""
+    section = ctx.cfg["self_distill"]
+    block = int(section["block_size"])
+    if section["source"] == "swd_kd":
+        return ctx.outputs["swd"][f"kd_b{block}_dir"]
+    return ctx.outputs["pbm"][f"b{block}_dir"]
+
+
+def stage_self_distill(ctx: Context) -> dict[str, Any]:
+    """Certainty-forcing self-distillation: the model decodes its own training prompts (a fresh stream of
+    them), the answers it gets right become the training data of a PBM run with the certainty term."""
+    from nemo_automodel_bard.recipes.common import load_recipe_config
+
+    from .launch import format_overrides
+    from .trajectories import write_trajectories
+
+    section = ctx.cfg["self_distill"]
+    block = int(section["block_size"])
+    source = self_distill_source(ctx)
+    yaml_path = ctx.recipe_dir / section["recipe"]
+    overrides = {
+        "model.pretrained_model_name_or_path": source,
+        "dataloader.collate_fn.block_size": block,
+        **_steps_override(section["max_steps"]),
+        "bard.certainty_weight": float(section["certainty_weight"]),
+        **_objective_overrides(ctx.cfg["pbm"], block),  # the source stage's objective options
+    }
+    extra = dict(section.get("overrides") or {})
+    if section.get("num_prompts"):  # fewer prompts than the stage's images (shapes) / the whole training file
+        count = int(section["num_prompts"])
+        extra["dataset.size" if ctx.cfg["data"]["kind"] == "shapes" else "dataset.max_samples"] = count
+    stream = "self_distill"
+    # 1. the trajectories: the prompts this stage would train on, decoded by the source model
+    full = _full_overrides(ctx, yaml_path, overrides, extra, stream)
+    decode = {k: section[k] for k in ("threshold", "keep", "batch_size", "max_new_tokens")}
+    key = fingerprint(ctx.manifest.portable({
+        "model": source, "recipe_digest": file_digest(yaml_path), "overrides": full, "decode": decode,
+        "code": code_digest(EVALUATION_CODE), "numerics": numerics()}))
+    done = ctx.manifest.finished("self_distill_trajectories", key)
+    if done is None:
+        out_dir = ctx.work_dir / f"self_distill_trajectories-{key}"
+        ctx.manifest.mark_started("self_distill_trajectories", key)
+        started = time.perf_counter()
+        dataset = load_recipe_config(yaml_path, format_overrides(full)).dataset.instantiate()
+        print(f"[bard-vl] stage self_distill: decoding {len(dataset)} training prompts with {source}", flush=True)
+        summary = write_trajectories(
+            source, (dataset[i] for i in range(len(dataset))), out_dir, data_kind=ctx.cfg["data"]["kind"],
+            order=str(ctx.cfg["data"].get("order", "reading")), block_size=block,
+            threshold=float(section["threshold"]), batch_size=int(section["batch_size"]),
+            max_new_tokens=int(section["max_new_tokens"]), keep=str(section["keep"]),
+            device=str(ctx.cfg["evaluate"].get("device", "auto")))
+        print(f"[bard-vl] stage self_distill: kept {summary['num_kept']} of {summary['num_decoded']} answers "
+              f"(accuracy {100 * summary['accuracy']:.1f}%, {summary['tokens_per_forward']:.2f} tokens/forward)",
+              flush=True)
+        done = {"trajectories": summary["path"], "summary": str(out_dir / "summary.json")}
+        ctx.manifest.record("self_distill_trajectories", key, done, time.perf_counter() - started)
+    # 2. training on them (the same stream: its seeds; the data are the kept answers)
+    extra.update({"dataset._target_": "nemo_automodel_bard.data.factory.make_dataset", "dataset.kind": "jsonl",
+                  "dataset.path": done["trajectories"]})
+    out = _train(ctx, "self_distill", section["recipe"], overrides, extra, stream=stream)
+    return {"block_size": block, "source_dir": source, "model_dir": out["model_dir"], "log_dir": out["log_dir"],
+            "trajectories": done["trajectories"], "trajectory_summary": done["summary"]}
+
+
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
     """Decode the held-out set with every model; write one JSON per (model, threshold)."""
     from .evaluate import evaluate_model, heldout_records, write_result
@@ -445,6 +510,10 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             candidates.append((f"swd_{label}_b{block}", value, int(block)))
     if "anchor_dir" in swd and swd["anchor_dir"] != pbm.get(f"b{swd['anchor_block_size']}_dir"):
         candidates.append((f"anchor_b{swd['anchor_block_size']}", swd["anchor_dir"], int(swd["anchor_block_size"])))
+    distilled = ctx.outputs.get("self_distill", {})
+    if distilled.get("model_dir"):
+        candidates.append((f"self_distill_b{distilled['block_size']}", distilled["model_dir"],
+                           int(distilled["block_size"])))
     results_dir = ctx.output_dir / "eval"
     results: dict[str, Any] = {"results_dir": str(results_dir), "entries": []}
     # the rendered trajectory is the final PBM stage's (largest block), else the last model decoded
@@ -495,6 +564,7 @@ STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ar_init": stage_ar_init,
     "pbm": stage_pbm,
     "swd": stage_swd,
+    "self_distill": stage_self_distill,
     "evaluate": stage_evaluate,
     "report": stage_report,
 }

@@ -122,7 +122,8 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         size = cfg["data"].get("train_size", "auto")
         if size not in (None, "auto"):
             _positive_int(size, "data.train_size")
-        elif None in pbm_steps(cfg["pbm"]) or ("swd" in stages and cfg["swd"].get("max_steps") is None):
+        elif None in pbm_steps(cfg["pbm"]) or ("swd" in stages and cfg["swd"].get("max_steps") is None) or (
+                "self_distill" in stages and cfg["self_distill"].get("max_steps") is None):
             raise PipelineConfigError("data.train_size=auto sizes each stage's fresh data by its steps; stages that "
                                       "train by epochs (max_steps null) need an integer data.train_size")
 
@@ -161,7 +162,8 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError(f"model.init: checkpoint path {init!r} does not exist (and is not a hub id)")
     if not init and "ar_pretrain" in stages and not (recipe_dir / cfg["ar_pretrain"]["recipe"]).exists():
         raise PipelineConfigError(f"ar_pretrain.recipe: {recipe_dir / cfg['ar_pretrain']['recipe']} does not exist")
-    needed = {"pbm": [cfg["pbm"]["recipe"].format(block_size=b) for b in blocks], "swd": [swd["recipe"]]}
+    needed = {"pbm": [cfg["pbm"]["recipe"].format(block_size=b) for b in blocks], "swd": [swd["recipe"]],
+              "self_distill": [cfg["self_distill"]["recipe"]] if "self_distill" in cfg else []}
     for stage, files in needed.items():
         if stage in stages:
             for name in files:
@@ -196,8 +198,32 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     elif data["kind"] != "shapes":
         raise PipelineConfigError(f"data.kind must be 'shapes' or 'jsonl', got {data['kind']!r}")
 
+    if "self_distill" in stages:
+        distill = cfg["self_distill"]
+        block = _positive_int(distill["block_size"], "self_distill.block_size")
+        if distill["source"] not in ("pbm", "swd_kd"):
+            raise PipelineConfigError(f"self_distill.source must be 'pbm' or 'swd_kd', got {distill['source']!r}")
+        if block not in blocks:
+            raise PipelineConfigError(f"self_distill.block_size={block} has no PBM stage (pbm.block_sizes={blocks})")
+        if distill["source"] == "swd_kd" and block not in cfg["swd"]["student_block_sizes"]:
+            raise PipelineConfigError(f"self_distill.source=swd_kd needs a B={block} SWD student "
+                                      f"(swd.student_block_sizes={list(cfg['swd']['student_block_sizes'])})")
+        if distill.get("max_steps") is not None:
+            _positive_int(distill["max_steps"], "self_distill.max_steps")
+        if distill.get("num_prompts") is not None:
+            _positive_int(distill["num_prompts"], "self_distill.num_prompts")
+        if distill["keep"] not in ("matching", "all"):
+            raise PipelineConfigError(f"self_distill.keep must be 'matching' or 'all', got {distill['keep']!r}")
+        weight = distill["certainty_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise PipelineConfigError(f"self_distill.certainty_weight must be a number >= 0, got {weight!r}")
+        threshold = distill["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise PipelineConfigError(f"self_distill.threshold must be in [0, 1], got {threshold!r}")
+
     requires = {"ar_init": ["ar_pretrain"], "pbm": ["ar_init"], "swd": ["pbm"], "evaluate": ["ar_init"],
-                "report": ["evaluate"]}
+                "report": ["evaluate"],
+                "self_distill": ["swd" if cfg.get("self_distill", {}).get("source") == "swd_kd" else "pbm"]}
     for stage in stages:
         for need in requires.get(stage, []):
             if need not in stages and need not in available_outputs:

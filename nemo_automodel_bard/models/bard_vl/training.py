@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from nemo_automodel_bard.diffusion.losses import diffusion_ce_loss, reduce_token_losses
+from nemo_automodel_bard.diffusion.losses import certainty_entropy, diffusion_ce_loss, reduce_token_losses
 from nemo_automodel_bard.diffusion.masks import TokenType, dense_attention_mask, flex_block_mask
 
 __all__ = ["ATTENTION_MODES", "build_training_mask", "diffusion_training_loss"]
@@ -95,6 +95,7 @@ def diffusion_training_loss(
     legacy_clean_sees_noisy: Optional[bool] = None,
     reduction: Optional[str] = None,
     denominator: Optional[Union[int, float, torch.Tensor]] = None,
+    certainty_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """ELBO-weighted diffusion cross-entropy of one collated batch.
 
@@ -110,11 +111,15 @@ def diffusion_training_loss(
         reduction: ``diffusion_ce_loss`` reduction; ``None`` takes the batch's ``loss_reduction``
             (default ``"sample_mean"``).
         denominator: replaces the final divisor (e.g. the global sample count of the optimiser step).
+        certainty_weight: adds this times :func:`~nemo_automodel_bard.diffusion.losses.certainty_entropy`
+            (the entropy at loss positions already predicted right) to each position's loss, reduced like
+            the CE (self-distillation; 0: the plain objective, bit for bit).
 
     Returns:
         ``(loss, metrics)``: fp32 scalar loss; ``metrics`` holds detached 0-d tensors ``loss``, ``ce``
         (unweighted mean CE at the loss positions), ``accuracy`` (argmax == target there),
-        ``mask_fraction``, and ints ``num_loss_tokens``, ``num_samples``, ``num_tokens`` (non-padding).
+        ``mask_fraction``, ``certainty`` (mean entropy at the positions predicted right; only with
+        ``certainty_weight``), and ints ``num_loss_tokens``, ``num_samples``, ``num_tokens`` (non-padding).
     """
     missing = [k for k in _REQUIRED if k not in batch]
     if missing:
@@ -155,12 +160,17 @@ def diffusion_training_loss(
     weights = to_dev("loss_weights").float()
     # weighted CE per loss position (one fp32 softmax), then the requested reduction
     per_token = diffusion_ce_loss(logits, targets, weights, None, None, reduction="none")  # [M]
+    ce_per_token = per_token
+    certainty = None
+    if certainty_weight:
+        certainty = certainty_entropy(logits, targets)
+        per_token = per_token + float(certainty_weight) * certainty
     loss = reduce_token_losses(
         per_token, reduction, to_dev("loss_sample_index"), to_dev("loss_normalizer"), denominator
     )
     with torch.no_grad():
         if targets.numel():
-            ce = (per_token.detach() / weights.clamp_min(1e-12)).mean()
+            ce = (ce_per_token.detach() / weights.clamp_min(1e-12)).mean()
             accuracy = (logits.detach().argmax(-1) == targets).float().mean()
         else:
             ce = accuracy = torch.zeros((), device=device)
@@ -174,4 +184,7 @@ def diffusion_training_loss(
         "num_samples": num_samples,
         "num_tokens": int((~pad).sum()),
     }
+    if certainty is not None:
+        right = logits.detach().argmax(-1) == targets
+        metrics["certainty"] = (certainty.detach().sum() / right.sum().clamp_min(1)).float()
     return loss, metrics
