@@ -3,6 +3,8 @@ without importing our package first and without trust_remote_code."""
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,7 @@ def _run_fresh(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_auto_classes_in_a_fresh_interpreter(tiny_model_dir):
     result = _run_fresh(
         f"""
@@ -39,6 +42,7 @@ def test_auto_classes_in_a_fresh_interpreter(tiny_model_dir):
     assert result.stdout.strip().splitlines()[-1] == "[true, true, true, true]"
 
 
+@pytest.mark.slow
 def test_model_first_in_a_fresh_interpreter(tiny_model_dir):
     result = _run_fresh(
         f"""
@@ -50,6 +54,7 @@ def test_model_first_in_a_fresh_interpreter(tiny_model_dir):
     assert result.stdout.split()[-1] == "BardVLForConditionalGeneration"
 
 
+@pytest.mark.slow
 def test_switched_off_registration_says_what_to_import(tiny_model_dir):
     result = _run_fresh(
         f"""
@@ -79,6 +84,7 @@ def test_stand_in_error_names_the_import(monkeypatch):
         raise AssertionError("expected ImportError")
 
 
+@pytest.mark.slow
 def test_pipeline_in_a_fresh_interpreter(tiny_model_dir, tmp_path):
     from nemo_automodel_bard.demo import write_demo_image
 

@@ -75,6 +75,7 @@ def test_cuda_evaluation_is_refused_without_a_gpu(tmp_path):
         run_pipeline(_config(tmp_path, ["evaluate.device=cuda"]))
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_cleanly(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nemo_automodel_bard.cli", f"work_dir={tmp_path}", "pbm.block_sizes=[8,4]"],
@@ -84,6 +85,7 @@ def test_cli_reports_config_errors_cleanly(tmp_path):
     assert "configuration error: pbm.block_sizes must be strictly increasing" in result.stderr
 
 
+@pytest.mark.slow
 def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
     cfg = _config(tmp_path, SMOKE_OVERRIDES)
     outputs = run_pipeline(cfg, tmp_path)

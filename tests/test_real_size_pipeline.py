@@ -31,6 +31,7 @@ def test_real_sizes_have_no_tiny_step_caps(size):
     assert tiny.pbm.max_steps == 300 and tiny.swd.max_steps == 120 and tiny.threads == 2
 
 
+@pytest.mark.slow
 def test_cfg_job_shows_the_real_size_settings():
     out = subprocess.run([sys.executable, "-m", "nemo_automodel_bard.cli", "model=qwen3_vl_4b", "--cfg", "job"],
                          capture_output=True, text=True, timeout=300)

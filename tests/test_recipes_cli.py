@@ -81,6 +81,7 @@ def _log(out: Path, name: str = "training.jsonl") -> list[dict]:
     return [json.loads(line) for line in (out / name).read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_cli_run_trains_records_the_block_size_and_exports_a_complete_model(run_np1):
     out, _ = run_np1
     log = _log(out)
@@ -111,6 +112,7 @@ def test_cli_run_trains_records_the_block_size_and_exports_a_complete_model(run_
     assert AutoProcessor.from_pretrained(final).tokenizer.convert_tokens_to_ids("<|mask|>") == model.config.mask_token_id
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(run_np1, run_np2):
     out1, _ = run_np1
     out2, result = run_np2

@@ -66,6 +66,7 @@ def test_dataloader_workers_train_exactly_as_the_main_process(tiny_model_dir, tm
     assert len(set(losses[0])) == 6  # every step saw a different batch or noise draw
 
 
+@pytest.mark.slow
 def test_ar_pretrain_then_chained_pbm_then_decoding(tmp_path):
     from transformers import AutoProcessor
 

@@ -100,6 +100,7 @@ def test_swd_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, tmp_path):
         run_recipe(SWD, [*_common(tiny_model_dir, other, 1), f"--checkpoint.checkpoint_dir={tmp_path / 'y'}"])
 
 
+@pytest.mark.slow
 def test_swd_two_process_gloo_run(tiny_model_dir, teacher_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "nemo_automodel.cli.app", str(SWD), *_common(tiny_model_dir, teacher_dir, 2),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,7 @@ def _run_fresh(code: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_alias_import_gives_the_same_objects_in_a_fresh_interpreter():
     out = _run_fresh(
         """
@@ -75,6 +78,7 @@ def test_auto_classes_load_a_bard_vl_directory(tiny_model_dir):
     assert get_registry().model_arch_name_to_cls[ARCHITECTURE] is BardVLForConditionalGeneration
 
 
+@pytest.mark.slow
 def test_auto_model_from_pretrained_in_fresh_interpreter(tiny_model_dir):
     """With our package imported first, the Auto classes use the classes it registered (see test_hf_auto.py
     for a fresh interpreter without that import)."""

@@ -294,6 +294,7 @@ run_recipe(sys.argv[1], sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_training_log_survives_a_kill_after_a_checkpoint(tiny_model_dir, tmp_path):
     """kill -9 after the step-5 checkpoint: training.jsonl holds every step up to it (NeMo buffers 100 records;
     the checkpoint flushes them), so a resumed run's log and the report's loss curve are complete."""
@@ -500,6 +501,7 @@ run_recipe(sys.argv[1], sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_save_resumes_bit_identically(tiny_model_dir, tmp_path):
     """SIGKILL in the middle of writing the step-3 checkpoint (model written, optimizer not): the same command
     resumes from the step-1 checkpoint and ends with the uninterrupted run's weights and a complete log."""
