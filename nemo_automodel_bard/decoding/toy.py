@@ -207,19 +207,4 @@ def train_toy(
     return losses
 
 
-
-
-
-def soften_logits(model: Any, factor: float) -> Any:
-    """Multiply the model's logits by ``factor`` (< 1 lowers every confidence; argmax unchanged).
-
-    Unties ``lm_head`` from the input embeddings (a scaled copy), so only the output side changes.
-    Handy to get graded confidences from an over-confident toy model. Returns the model.
-    """
-    head = model.lm_head
-    head.weight = torch.nn.Parameter(head.weight.detach().clone() * float(factor), requires_grad=False)
-    if getattr(head, "bias", None) is not None:
-        head.bias = torch.nn.Parameter(head.bias.detach().clone() * float(factor), requires_grad=False)
-    return model
-
-__all__ = ["ToyExample", "batch_examples", "make_example", "soften_logits", "train_toy"]
+__all__ = ["ToyExample", "batch_examples", "make_example", "train_toy"]

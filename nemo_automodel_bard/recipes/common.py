@@ -720,11 +720,6 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             return
         self._write_export_pointer()
 
-    @property
-    def export_dir(self) -> Path:
-        """``<checkpoint_dir>/final``: the consolidated Hugging Face directory of the last step."""
-        return Path(self.checkpointer.config.checkpoint_dir) / "final"
-
     def _final_consolidated(self) -> Optional[Path]:
         candidates = []
         if self._last_checkpoint is not None:
