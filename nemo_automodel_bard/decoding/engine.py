@@ -463,8 +463,11 @@ class _BlockDecoder:
             pos_in = both[None].expand(3, batch, 2 * B)
         else:
             tokens_in, pos_in = block, pos_ids
-        # the first step of block 0 with fused prefill: the prompt goes in with the noisy block
-        inputs = self._fused_prefill_inputs(block) if self._prompt is not None else None
+        # the first step of block 0 with fused prefill: the prompt is that step's clean part (its K/V stay)
+        prefill = self._prompt is not None
+        inputs = None
+        if prefill:
+            inputs, n_clean = self._fused_prefill_inputs(block), self.prompt_len
         step = 0
         while True:
             if inputs is None:
@@ -473,12 +476,8 @@ class _BlockDecoder:
             logits = model(**inputs, past_key_values=cache, use_cache=True).logits.view(batch, B, -1)
             inputs = None
             _drop_last(cache, B)  # drop the noisy block's K/V; fused clean (prompt or block) K/V stay
-            if self.cached < self.prompt_len:  # that was the fused prefill
-                self.forwards["prefill"] += 1
-                self.cached = self.prompt_len
-                mask = masks.step(self.cached, 0, B)
-            else:
-                self.forwards["denoise"] += 1
+            self.forwards["prefill" if prefill else "denoise"] += 1
+            prefill = False
             if n_clean:
                 self.cached += n_clean
                 n_clean = 0

@@ -21,6 +21,14 @@ def _positive_int(value: Any, key: str) -> int:
     return value
 
 
+def _block_switch(value: Any, key: str, what: str = "block sizes") -> None:
+    """A per-block-size switch: ``true``, ``false`` or a list of positive block sizes."""
+    if not isinstance(value, bool) and not (
+            isinstance(value, (list, tuple)) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                                     for b in value)):
+        raise PipelineConfigError(f"{key} must be true, false or a list of {what}, got {value!r}")
+
+
 def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set[str]) -> None:
     """Raise :class:`PipelineConfigError` for an inconsistent configuration."""
     stages = list(cfg.get("stages") or [])
@@ -65,11 +73,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     cap = cfg["pbm"].get("max_loss_weight")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
         raise PipelineConfigError(f"pbm.max_loss_weight must be a positive number or null, got {cap!r}")
-    complementary = cfg["pbm"].get("complementary", False)
-    if not isinstance(complementary, bool) and not (
-            isinstance(complementary, (list, tuple))
-            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in complementary)):
-        raise PipelineConfigError(f"pbm.complementary must be true, false or a list of block sizes, got {complementary!r}")
+    _block_switch(cfg["pbm"].get("complementary", False), "pbm.complementary")
 
     swd = cfg["swd"]
     if "swd" in stages:
@@ -94,11 +98,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 )
             if student not in blocks:
                 raise PipelineConfigError(f"swd.student_block_sizes: {student} has no PBM stage (pbm.block_sizes={blocks})")
-        control = swd.get("control", True)
-        if not isinstance(control, bool) and not (
-                isinstance(control, (list, tuple))
-                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in control)):
-            raise PipelineConfigError(f"swd.control must be true, false or a list of student block sizes, got {control!r}")
+        _block_switch(swd.get("control", True), "swd.control", "student block sizes")
         for student, init in (swd.get("student_init") or {}).items():  # students not trained are ignored
             if int(student) in swd["student_block_sizes"] and init not in blocks:
                 raise PipelineConfigError(

@@ -150,8 +150,13 @@ class BardVLPBMRecipe(BardRecipeBase):
             "skipped": float(batch.get("num_skipped", 0)),
         }
 
+    def _loss_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of :func:`diffusion_training_loss` (none here; subclasses add terms)."""
+        return {}
+
     def _compute_loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> tuple[torch.Tensor, dict]:
-        loss, metrics = diffusion_training_loss(model, batch, attention=self.attention, denominator=denominator)
+        loss, metrics = diffusion_training_loss(model, batch, attention=self.attention, denominator=denominator,
+                                                **self._loss_options())
         m = float(metrics["num_loss_tokens"])
         return loss, {"ce_sum": float(metrics["ce"]) * m, "correct": float(metrics["accuracy"]) * m}
 

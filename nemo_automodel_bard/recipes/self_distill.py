@@ -23,10 +23,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from nemo_automodel_bard.models.bard_vl.training import diffusion_training_loss
-
 from .common import RecipeConfigError
 from .pbm import BardVLPBMRecipe
 
@@ -51,11 +47,8 @@ class BardVLSelfDistillRecipe(BardVLPBMRecipe):
     def certainty_weight(self) -> float:
         return float(self.cfg.get("bard.certainty_weight", DEFAULT_CERTAINTY_WEIGHT))
 
-    def _compute_loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> tuple[torch.Tensor, dict]:
-        loss, metrics = diffusion_training_loss(model, batch, attention=self.attention, denominator=denominator,
-                                                certainty_weight=self.certainty_weight)
-        m = float(metrics["num_loss_tokens"])
-        return loss, {"ce_sum": float(metrics["ce"]) * m, "correct": float(metrics["accuracy"]) * m}
+    def _loss_options(self) -> dict[str, Any]:
+        return {"certainty_weight": self.certainty_weight}
 
     def _extra_metrics(self, totals: dict[str, float]) -> dict[str, Any]:
         return {**super()._extra_metrics(totals), "certainty_weight": self.certainty_weight}
