@@ -3,7 +3,7 @@
 One run, one machine, the same tiny weights for every decoder:
 
 1. build the model: a tiny random Bard-VL (``write_tiny_checkpoint``) trained for a few hundred
-   steps with the block-diffusion loss (:func:`nemo_automodel_bard.decoding.toy.train_toy`) to
+   steps with the block-diffusion loss (:func:`nemo_automodel_bard.fixtures.toy.train_toy`) to
    repeat a 13-token phrase of shape words after a handful of prompt variants — so it emits a
    sensible, non-trivial 256-token sequence with graded confidences (``--model-dir`` reuses a saved one);
    (and draws one decoding trajectory to ``docs/img/decoding_trajectory.png``);
@@ -84,8 +84,8 @@ def build_model(args: argparse.Namespace) -> tuple[Any, Any, list[Any], torch.Te
     from transformers import AutoProcessor
 
     from nemo_automodel_bard import BardVLForConditionalGeneration
-    from nemo_automodel_bard.decoding.toy import make_example, train_toy
-    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.toy import make_example, train_toy
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
     info: dict[str, Any] = {}
     if args.model_dir and (Path(args.model_dir) / "config.json").exists():
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     reference = _load_reference()
     from nemo_automodel_bard.decoding import ar_generate, block_diffusion_generate
-    from nemo_automodel_bard.decoding.toy import batch_examples
+    from nemo_automodel_bard.fixtures.toy import batch_examples
 
     model, processor, examples, target, info = build_model(args)
     timer = ForwardTimer(model)

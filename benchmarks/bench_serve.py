@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+            from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
             model_dir = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0, block_size=args.block_size)
         model, processor = load_for_inference(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")

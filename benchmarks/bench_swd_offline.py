@@ -30,9 +30,9 @@ import torch
 from nemo_automodel_bard import BardVLForConditionalGeneration
 from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 from nemo_automodel_bard.data.collator import BardVLCollator
-from nemo_automodel_bard.models.bard_vl.distillation import swd_training_loss
-from nemo_automodel_bard.models.bard_vl.teacher_cache import TeacherTopKCache, build_teacher_cache
-from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+from nemo_automodel_bard.objectives.distillation import swd_training_loss
+from nemo_automodel_bard.objectives.teacher_cache import TeacherTopKCache, build_teacher_cache
+from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "tiny_steps.md")
     args = parser.parse_args()
 
-    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
     started = time.perf_counter()
     load = os.getloadavg()[0]

@@ -4,7 +4,7 @@ Both paths run the same small Bard-VL (Qwen3-VL vocabulary of 151,936 rows, text
 2 layers, tied embeddings, fp32, SDPA) on the same ``[prompt | clean | noisy]`` row (batch 1,
 prompt = L/4, response = 3L/8, block size 32, mask noise) and do forward + backward:
 
-* **ours** -- :func:`nemo_automodel_bard.models.bard_vl.training.diffusion_training_loss`: dense
+* **ours** -- :func:`nemo_automodel_bard.objectives.block_diffusion.diffusion_training_loss`: dense
   additive mask from ``diffusion.masks`` (the CPU path), logits only at the M loss positions, fp32
   ELBO-weighted CE there;
 * **published** -- the approach of the released training code: a dense ``L x L`` bool mask built on
@@ -187,7 +187,7 @@ def step_published(model, batch):
 
 
 def step_ours(model, batch):
-    from nemo_automodel_bard.models.bard_vl.training import diffusion_training_loss
+    from nemo_automodel_bard.objectives.block_diffusion import diffusion_training_loss
 
     loss, _ = diffusion_training_loss(model, batch, attention="dense")
     loss.backward()

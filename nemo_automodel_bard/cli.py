@@ -24,7 +24,7 @@ def _tiny(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=4)
     args = parser.parse_args(argv)
-    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(args.out_dir, seed=args.seed, block_size=args.block_size)
     print(f"wrote tiny Bard-VL checkpoint to {path}")

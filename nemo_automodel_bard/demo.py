@@ -99,7 +99,7 @@ def model_card_generate(model_id: str | Path, messages: list[dict[str, Any]], **
 
 def run_demo(out_dir: str | Path) -> dict[str, Any]:
     """Write a tiny checkpoint and media under ``out_dir`` and run the model-card code on both."""
-    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

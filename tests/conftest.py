@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path of a tiny random Bard-VL directory (config, safetensors, tokenizer, processors)."""
-    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "bard-vl-tiny", seed=0, block_size=4)
 
@@ -44,7 +44,7 @@ def toy_model_dir(tmp_path_factory, tiny_model_dir):
     from transformers import AutoProcessor
 
     from nemo_automodel_bard import BardVLForConditionalGeneration
-    from nemo_automodel_bard.decoding.toy import make_example, train_toy
+    from nemo_automodel_bard.fixtures.toy import make_example, train_toy
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 from nemo_automodel_bard.data.collator import BardVLCollator
 from nemo_automodel_bard.diffusion import TokenType
 from nemo_automodel_bard.diffusion.masks import reblock, sample_layout, visibility
-from nemo_automodel_bard.models.bard_vl.training import build_training_mask, diffusion_training_loss
+from nemo_automodel_bard.objectives.block_diffusion import build_training_mask, diffusion_training_loss
 
 B = 4
 NOISY, COMP, CLEAN, PROMPT = (int(TokenType.NOISY), int(TokenType.NOISY_COMPLEMENT), int(TokenType.CLEAN),

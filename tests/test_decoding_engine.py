@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from nemo_automodel_bard.decoding import block_diffusion_generate, render_trajectory
-from nemo_automodel_bard.decoding.toy import batch_examples, make_example, train_toy
+from nemo_automodel_bard.fixtures.toy import batch_examples, make_example, train_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 

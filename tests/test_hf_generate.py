@@ -14,7 +14,7 @@ from transformers.generation import BaseStreamer
 
 from nemo_automodel_bard.models.bard_vl.configuration_bard_vl import BardVLConfig
 from nemo_automodel_bard.models.bard_vl.generation_bard_vl import BardVLGenerateOutput, resolve_generate_options
-from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer, tiny_config
+from nemo_automodel_bard.fixtures.tiny import build_tiny_tokenizer, tiny_config
 
 #: generation_config.json as Qwen3-VL checkpoints ship it (sampling defaults of an autoregressive model)
 QWEN_GENERATION = {

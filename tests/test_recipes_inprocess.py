@@ -147,7 +147,7 @@ TEXT_ONLY = [
 
 def test_a_dummy_image_keeps_text_only_batches_exact(tiny_model_dir, tiny_processor):
     from nemo_automodel_bard import BardVLForConditionalGeneration
-    from nemo_automodel_bard.models.bard_vl.training import diffusion_training_loss
+    from nemo_automodel_bard.objectives.block_diffusion import diffusion_training_loss
     from nemo_automodel_bard.recipes.collate import BardCollate
 
     model = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -23,7 +23,7 @@ _weights, _jsonl = read_weights, read_jsonl
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_model_dir, tmp_path_factory):
     """A different tiny model with the same tokenizer (the anchor)."""
-    from nemo_automodel_bard.models.bard_vl.tiny import write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "anchor", seed=7, block_size=4)
 
@@ -92,7 +92,7 @@ def test_swd_config_errors(tiny_model_dir, teacher_dir, tmp_path, override, mess
 
 
 def test_swd_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, tmp_path):
-    from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer, write_tiny_checkpoint
+    from nemo_automodel_bard.fixtures.tiny import build_tiny_tokenizer, write_tiny_checkpoint
 
     other = write_tiny_checkpoint(tmp_path / "other", seed=3)
     build_tiny_tokenizer(["a different corpus gives different merges"] * 3, vocab_size=300).save_pretrained(other)

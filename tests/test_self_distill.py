@@ -15,7 +15,7 @@ from helpers import QUICK_RECIPE, TOY_PAIRS, read_jsonl, read_weights, record_tr
 from nemo_automodel_bard.data.chat_dataset import ChatDataset, shapes_dataset
 from nemo_automodel_bard.data.collator import BardVLCollator
 from nemo_automodel_bard.diffusion.losses import certainty_entropy, reduce_token_losses
-from nemo_automodel_bard.models.bard_vl.training import build_training_mask, diffusion_training_loss
+from nemo_automodel_bard.objectives.block_diffusion import build_training_mask, diffusion_training_loss
 from nemo_automodel_bard.pipeline.trajectories import write_trajectories
 from nemo_automodel_bard.recipes.common import RecipeConfigError, run_recipe
 

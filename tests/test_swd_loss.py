@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 from nemo_automodel_bard.data.collator import BardVLCollator
 from nemo_automodel_bard.diffusion.masks import reblock
-from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer, swd_training_loss, teacher_view
+from nemo_automodel_bard.objectives.distillation import check_same_tokenizer, swd_training_loss, teacher_view
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_no_gradient_reaches_the_teacher_and_kd_decreases_with_training(tiny_mod
 
 def test_topk_kd_matches_a_reference_from_full_logits(tiny_model, swd_batch, tiny_model_dir):
     from nemo_automodel_bard import BardVLForConditionalGeneration
-    from nemo_automodel_bard.models.bard_vl.training import build_training_mask
+    from nemo_automodel_bard.objectives.block_diffusion import build_training_mask
 
     teacher = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_topk_kd_matches_a_reference_from_full_logits(tiny_model, swd_batch, tin
 
 
 def test_tokenizer_mismatch_is_refused(tiny_model_dir, tmp_path):
-    from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer
+    from nemo_automodel_bard.fixtures.tiny import build_tiny_tokenizer
 
     check_same_tokenizer(tiny_model_dir, tiny_model_dir)
     build_tiny_tokenizer(["completely different text for another vocabulary"] * 5, vocab_size=300).save_pretrained(tmp_path)
@@ -143,7 +143,7 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir, tmp_path):
 def test_cached_teacher_topk_gives_the_online_loss(tiny_model, tiny_processor, tiny_model_dir, tmp_path):
     """A cache built from the same rows feeds swd_training_loss exactly what the online teacher computes."""
     from nemo_automodel_bard import BardVLForConditionalGeneration
-    from nemo_automodel_bard.models.bard_vl.teacher_cache import TeacherTopKCache, build_teacher_cache
+    from nemo_automodel_bard.objectives.teacher_cache import TeacherTopKCache, build_teacher_cache
 
     torch.manual_seed(2)
     teacher = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -12,7 +12,7 @@ from nemo_automodel_bard import BardVLForConditionalGeneration
 from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 from nemo_automodel_bard.data.collator import BardVLCollator
 from nemo_automodel_bard.diffusion import TokenType, dense_attention_mask
-from nemo_automodel_bard.models.bard_vl.training import build_training_mask, diffusion_training_loss
+from nemo_automodel_bard.objectives.block_diffusion import build_training_mask, diffusion_training_loss
 
 B = 4
 _PIXELS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
@@ -87,7 +87,7 @@ def test_logits_only_at_loss_positions(tiny_model, batch):
     rows = []
     handle = tiny_model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape))
     try:
-        loss, metrics = tiny_model.diffusion_loss(batch)
+        loss, metrics = diffusion_training_loss(tiny_model, batch)
     finally:
         handle.remove()
     M = batch["loss_positions"].numel()

@@ -8,7 +8,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmb
 
 from nemo_automodel_bard.data.shapes import COLORS, SHAPES, ShapesTask, cell_labels
 from nemo_automodel_bard.models.bard_vl.modeling_bard_vl import LinearPatchEmbed, use_linear_patch_embed
-from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_processor
+from nemo_automodel_bard.fixtures.tiny import build_tiny_processor
 from nemo_automodel_bard.recipes.model_builder import ModelConfigError, build_qwen3_vl_ar
 from nemo_automodel_bard.recipes.vision_warmup import VisionWarmupError, warm_up_vision_tower, warmup_from_config
 

@@ -8,7 +8,7 @@
                                      {"type": "text", "text": "..."}]}],
      "index": 17}                                       # optional, seeds the noise
 
-into the tensors that :func:`nemo_automodel_bard.models.bard_vl.training.diffusion_training_loss`
+into the tensors that :func:`nemo_automodel_bard.objectives.block_diffusion.diffusion_training_loss`
 consumes (docs/training_layout.md):
 
 * prompt = the chat template applied to every message before the target assistant turn with
@@ -24,7 +24,7 @@ consumes (docs/training_layout.md):
 Example:
     >>> collator = BardVLCollator(processor=processor, block_size=4)              # doctest: +SKIP
     >>> batch = collator([{"messages": [...], "index": 0}])                       # doctest: +SKIP
-    >>> loss, metrics = model.diffusion_loss(batch)                               # doctest: +SKIP
+    >>> loss, metrics = diffusion_training_loss(model, batch)                     # doctest: +SKIP
 
 YAML (NeMo's loader resolves ``_target_``)::
 

@@ -4,7 +4,6 @@
 * :mod:`.unmasking` — token proposal and the unmasking rules;
 * :func:`ar_generate` — plain autoregressive decoding with a KV cache (the causal baseline);
 * :func:`render_trajectory` — a PNG of which step committed each position;
-* :mod:`.toy` — a few seconds of block-diffusion training for tests and benchmarks.
 
 See ``docs/decoding.md``.
 """

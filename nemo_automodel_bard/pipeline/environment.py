@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 #: the parts of the package that produce a trained stage (data, objectives, model, recipes)
-TRAINING_CODE = ("__init__.py", "_alias.py", "models", "diffusion", "data", "recipes")
+TRAINING_CODE = ("__init__.py", "_alias.py", "models", "diffusion", "objectives", "data", "fixtures", "recipes")
 #: ... and what additionally produces an evaluation result
 EVALUATION_CODE = TRAINING_CODE + ("decoding", "pipeline/evaluate.py")
 

@@ -265,7 +265,7 @@ def _mean_mask_row(located: dict[str, Path], dst: Path, mask: int, limit: int, t
 
 
 def _generation_config(config: Any, src: Path) -> Any:
-    from nemo_automodel_bard.models.bard_vl.tiny import bard_generation_config
+    from nemo_automodel_bard.models.bard_vl.generation_bard_vl import bard_generation_config
 
     source = {}
     if (src / "generation_config.json").is_file():

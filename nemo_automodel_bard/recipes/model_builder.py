@@ -223,13 +223,13 @@ def build_bard_vl(
 def tiny_qwen3_vl_config(tokenizer: Any = None, **tiny_kwargs: Any):
     """A plain Qwen3-VL config (``model_type: qwen3_vl``) with the tiny Bard-VL shapes and token ids.
 
-    ``tiny_kwargs`` are those of :func:`nemo_automodel_bard.models.bard_vl.tiny.tiny_config`
+    ``tiny_kwargs`` are those of :func:`nemo_automodel_bard.fixtures.tiny.tiny_config`
     (``hidden_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``vision_hidden_size``,
     ``vision_depth``).
     """
     from transformers import Qwen3VLConfig
 
-    from nemo_automodel_bard.models.bard_vl.tiny import tiny_config
+    from nemo_automodel_bard.fixtures.tiny import tiny_config
 
     data = tiny_config(tokenizer, **tiny_kwargs).to_dict()
     for key in (*_BARD_FIELDS, "model_type", "transformers_version", "architectures"):
@@ -257,7 +257,7 @@ def build_qwen3_vl_ar(
         pretrained_model_name_or_path: a Qwen3-VL directory or hub id; or ``None`` together with
             ``tiny``.
         tiny: build a *random* tiny Qwen3-VL instead, with these
-            :func:`~nemo_automodel_bard.models.bard_vl.tiny.tiny_config` keyword arguments (``{}`` for the
+            :func:`~nemo_automodel_bard.fixtures.tiny.tiny_config` keyword arguments (``{}`` for the
             defaults); its token ids match ``build_tiny_processor()``, which the YAML must then use as
             ``processor:``.
         init_seed: seed of the random initialisation (the same on every rank).
@@ -278,7 +278,7 @@ def build_qwen3_vl_ar(
     if tiny is not None:
         if pretrained_model_name_or_path is not None:
             raise ModelConfigError("set either model.pretrained_model_name_or_path or model.tiny, not both")
-        from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_tokenizer
+        from nemo_automodel_bard.fixtures.tiny import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         config = tiny_qwen3_vl_config(tokenizer, **dict(tiny))
@@ -289,7 +289,7 @@ def build_qwen3_vl_ar(
         model = model.to(_dtype(torch_dtype))
         use_linear_patch_embed(model)
         if vision_warmup:
-            from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_processor
+            from nemo_automodel_bard.fixtures.tiny import build_tiny_processor
             from nemo_automodel_bard.recipes.vision_warmup import warmup_from_config
 
             with torch.random.fork_rng(devices=[]):
@@ -316,7 +316,7 @@ def write_tiny_qwen3_vl(out_dir: str | os.PathLike, *, seed: int = 0, **tiny_kwa
     """
     from transformers import Qwen3VLForConditionalGeneration
 
-    from nemo_automodel_bard.models.bard_vl.tiny import build_tiny_processor
+    from nemo_automodel_bard.fixtures.tiny import build_tiny_processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

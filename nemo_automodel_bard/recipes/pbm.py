@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from nemo_automodel_bard.diffusion.masks import TokenType
-from nemo_automodel_bard.models.bard_vl.tiny import bard_generation_config
-from nemo_automodel_bard.models.bard_vl.training import ATTENTION_MODES, diffusion_training_loss
+from nemo_automodel_bard.models.bard_vl.generation_bard_vl import bard_generation_config
+from nemo_automodel_bard.objectives.block_diffusion import ATTENTION_MODES, diffusion_training_loss
 
 from .common import BardRecipeBase, RecipeConfigError
 from .model_builder import build_bard_vl

@@ -4,7 +4,7 @@ The student (block size ``B_s``, initialised from its own PBM export) and a froz
 size ``B_t < B_s``; e.g. the B=4 anchor, possibly a larger model sharing the tokenizer) receive the
 same corrupted row — tokens, positions, images — and differ only in their attention mask's block
 size. Loss at the student's corrupted noisy positions: ``ce_weight * CE + kd_weight * KD`` with KD
-from the teacher's top-k (see :mod:`nemo_automodel_bard.models.bard_vl.distillation`).
+from the teacher's top-k (see :mod:`nemo_automodel_bard.objectives.distillation`).
 
 Everything else is the PBM recipe: NeMo's FSDP2 / checkpointing / resume (optimizer state saved;
 the teacher, stored as ``self.teacher_model``, is never checkpointed), per-group learning rates,
@@ -31,8 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer, swd_training_loss
-from nemo_automodel_bard.models.bard_vl.teacher_cache import (
+from nemo_automodel_bard.objectives.distillation import check_same_tokenizer, swd_training_loss
+from nemo_automodel_bard.objectives.teacher_cache import (
     TeacherCacheError,
     TeacherTopKCache,
     epochs_needed,
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["BardVLSWDRecipe", "SWD_DEFAULTS", "load_teacher"]
 
 #: SWD settings: the published ones, except that KD skips block-padding targets by default (published:
-#: KD at every loss position, ``kd_at_block_padding: true``; see :mod:`nemo_automodel_bard.models.bard_vl.distillation`)
+#: KD at every loss position, ``kd_at_block_padding: true``; see :mod:`nemo_automodel_bard.objectives.distillation`)
 SWD_DEFAULTS = {
     "teacher_block_size": 4,
     "ce_weight": 1.0,

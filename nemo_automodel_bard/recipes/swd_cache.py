@@ -10,7 +10,7 @@ of every training sample for the epochs the run will use (``bard.teacher_cache_e
 ``step_scheduler.max_steps`` needs with one data-parallel rank), and of the validation set. The SWD run
 with ``--bard.teacher_cache=<dir>`` then needs no teacher model; it refuses a cache built for other
 settings and tells how many epochs it needs when the cache has too few.
-See :mod:`nemo_automodel_bard.models.bard_vl.teacher_cache`.
+See :mod:`nemo_automodel_bard.objectives.teacher_cache`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from nemo_automodel_bard.models.bard_vl.distillation import check_same_tokenizer
-from nemo_automodel_bard.models.bard_vl.teacher_cache import TeacherCacheError, build_teacher_cache, epochs_needed
+from nemo_automodel_bard.objectives.distillation import check_same_tokenizer
+from nemo_automodel_bard.objectives.teacher_cache import TeacherCacheError, build_teacher_cache, epochs_needed
 
 from .collate import bard_collate_fn, resolve_collate
 from .common import RecipeConfigError, load_recipe_config

@@ -355,10 +355,33 @@ def bard_generate(model: Any, inputs: Any = None, *args: Any, **kwargs: Any) -> 
         return BardVLGenerateOutput(sequences=sequences, step_stats=stats)
     return result
 
+def bard_generation_config(config: Any, **overrides: Any) -> Any:
+    """A ``GenerationConfig`` holding Bard decoding defaults (block size = the trained one)."""
+    from transformers import GenerationConfig
+
+    from .configuration_bard_vl import DEFAULT_DECODING
+
+    values = dict(DEFAULT_DECODING)
+    values["block_size"] = config.block_size
+    values["denoising_steps"] = config.block_size
+    values.update(overrides)
+    gen = GenerationConfig(
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        max_new_tokens=256,
+        do_sample=False,
+    )
+    for key, value in values.items():
+        setattr(gen, key, value)
+    gen.mask_token_id = config.mask_token_id
+    return gen
+
+
 __all__ = [
     "BARD_GENERATION_FIELDS",
     "BardVLGenerateOutput",
     "bard_generate",
+    "bard_generation_config",
     "check_options",
     "effective_generation_config",
     "is_bard_generation_config",

@@ -403,17 +403,6 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
             rope_deltas=None,
         )
 
-    # ------------------------------------------------------------------ training
-    def diffusion_loss(self, batch: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Block-diffusion training loss of a collated batch: ``(loss, metrics)``.
-
-        Delegates to :func:`nemo_automodel_bard.models.bard_vl.training.diffusion_training_loss`
-        (keyword arguments ``attention``, ``legacy_clean_sees_noisy``, ``reduction``, ``denominator``).
-        """
-        from .training import diffusion_training_loss
-
-        return diffusion_training_loss(self, batch, **kwargs)
-
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def generate(self, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from nemo_automodel_bard.diffusion.losses import reduce_token_losses, teacher_topk, topk_kd_loss
 from nemo_automodel_bard.diffusion.masks import reblock
 
-from .training import _MODEL_INPUTS, build_training_mask
+from .block_diffusion import _MODEL_INPUTS, build_training_mask
 
 __all__ = ["anchor_topk", "check_same_tokenizer", "kd_loss_rows", "row_inputs", "swd_training_loss", "teacher_view"]
 
