@@ -67,7 +67,7 @@ def _run(kind: str, variant: list[str], steps: int, init_dir: Path, work: Path, 
         common += ["--model.vision_warmup.steps=2"]
     else:
         block = int(kind.split("_b")[1])
-        yaml_path = ROOT / "recipes" / "tiny" / f"pbm_b{block}.yaml"
+        yaml_path = ROOT / "recipes" / "tiny" / "pbm.yaml"
         common += [f"--model.pretrained_model_name_or_path={init_dir}", f"--dataloader.collate_fn.block_size={block}"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     started = time.perf_counter()

@@ -187,7 +187,7 @@ def test_whole_tiny_chain_and_manifest_skip(tmp_path, monkeypatch):
 def test_torchrun_splits_the_tiny_micro_batch_over_ranks():
     from nemo_automodel_bard.pipeline.stages import _batch_overrides, _world_size
 
-    yaml_path = Path(config_dir()).parent / "recipes" / "tiny" / "pbm_b4.yaml"
+    yaml_path = Path(config_dir()).parent / "recipes" / "tiny" / "pbm.yaml"
     assert _world_size({"kind": "local"}) == 1
     assert _world_size({"kind": "torchrun", "nproc_per_node": 2, "nnodes": 1}) == 2
     assert _batch_overrides(yaml_path, 1, {}) == {}

@@ -45,7 +45,7 @@ def test_default_config_pins_threads_and_names_the_seed_in_the_work_dir():
 
 def test_streams_get_their_own_seeds_and_fresh_images(tmp_path):
     ctx = _ctx(tmp_path, ["ar_pretrain.max_steps=50"])
-    recipe = ctx.recipe_dir / "pbm_b4.yaml"
+    recipe = ctx.recipe_dir / "pbm.yaml"
     a = stages._full_overrides(ctx, recipe, {"step_scheduler.max_steps": 30}, {}, "pbm_b4")
     b = stages._full_overrides(ctx, recipe, {"step_scheduler.max_steps": 30}, {}, "pbm_b8")
     assert a["dataset.size"] == 30 * 32  # as many images as the stage consumes: no epoch is repeated
@@ -117,7 +117,7 @@ def test_default_swd_students_start_from_the_named_pbm_exports_and_controls_foll
 
 def test_training_fingerprint_covers_code_recipe_and_numerics(tmp_path, monkeypatch):
     ctx = _ctx(tmp_path, [])
-    recipe = ctx.recipe_dir / "pbm_b4.yaml"
+    recipe = ctx.recipe_dir / "pbm.yaml"
     full = stages._full_overrides(ctx, recipe, {}, {}, "pbm_b4")
     key = stages._training_fingerprint(ctx, recipe, full)
     assert stages._training_fingerprint(ctx, recipe, full) == key
@@ -132,7 +132,7 @@ def test_training_fingerprint_covers_code_recipe_and_numerics(tmp_path, monkeypa
 
 def test_recipe_content_is_part_of_the_fingerprint(tmp_path):
     ctx = _ctx(tmp_path, [])
-    recipe = ctx.recipe_dir / "pbm_b4.yaml"
+    recipe = ctx.recipe_dir / "pbm.yaml"
     full = stages._full_overrides(ctx, recipe, {}, {}, "pbm_b4")
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe.read_text())

@@ -53,7 +53,7 @@ def test_stages_that_train_by_epochs_pass_no_step_cap(tmp_path, monkeypatch):
     ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init")}
     ctx.outputs["pbm"] = stages.stage_pbm(ctx)
     stages.stage_swd(ctx)
-    assert [r["_recipe"] for r in runs] == ["pbm_b4.yaml", "pbm_b8.yaml", "swd.yaml"]
+    assert [r["_recipe"] for r in runs] == ["pbm.yaml", "pbm.yaml", "swd.yaml"]
     for overrides in runs:
         assert "step_scheduler.max_steps" not in overrides  # the recipe's num_epochs
         assert overrides["dataset.kind"] == "jsonl"

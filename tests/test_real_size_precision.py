@@ -29,7 +29,7 @@ def _share_changed(tiny_model_dir: Path, out: Path, precision: list[str]) -> flo
     before = {}
     for f in Path(tiny_model_dir).glob("*.safetensors"):
         before.update(load_file(str(f)))
-    recipe = run_recipe(ROOT / "recipes" / "tiny" / "pbm_b2.yaml", [
+    recipe = run_recipe(ROOT / "recipes" / "tiny" / "pbm.yaml", [
         f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=1",
         "--step_scheduler.global_batch_size=4", "--step_scheduler.local_batch_size=4",
         "--step_scheduler.ckpt_every_steps=100", "--validation_dataset=None", "--dataset.size=8",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PBM_B2 = ROOT / "recipes" / "tiny" / "pbm_b2.yaml"
+PBM_B2 = ROOT / "recipes" / "tiny" / "pbm.yaml"
 STEPS = 6
 
 

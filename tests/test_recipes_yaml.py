@@ -1,4 +1,5 @@
-"""The shipped recipe YAMLs parse with NeMo's loader, chain their stages and carry the published settings."""
+"""The shipped recipe YAMLs parse with NeMo's loader, cover every stage through overrides and carry the published
+settings."""
 
 from __future__ import annotations
 
@@ -26,26 +27,48 @@ def _recipe_class(cfg):
     return getattr(importlib.import_module(module), name)
 
 
+def _load_with(path: Path, overrides: list[str], monkeypatch):
+    monkeypatch.delenv("BARD_RUNS", raising=False)
+    monkeypatch.delenv("BARD_TINY_RUNS", raising=False)
+    monkeypatch.delenv("BARD_DATA", raising=False)
+    return load_recipe_config(path, overrides)
+
+
 @pytest.mark.parametrize("folder", ["tiny", *SIZES])
-def test_pbm_stages_chain_from_the_previous_export(folder, monkeypatch):
-    first_init = "runs/tiny/ar_init" if folder == "tiny" else f"runs/{folder}/ar_init"
-    previous_dir = None
-    for block in BLOCKS:
-        cfg = _load(ROOT / folder / f"pbm_b{block}.yaml", monkeypatch)
-        assert _recipe_class(cfg).__name__ == "BardVLPBMRecipe"
-        assert cfg.get("dataloader.collate_fn.block_size") == block
-        checkpoint_dir = str(cfg.get("checkpoint.checkpoint_dir"))
-        assert checkpoint_dir.endswith(f"pbm_b{block}")
-        model_path = str(cfg.get("model.pretrained_model_name_or_path"))
-        assert model_path == (first_init if previous_dir is None else f"{previous_dir}/final")
-        assert cfg.get("checkpoint.save_consolidated") == "final"
-        previous_dir = checkpoint_dir
+def test_one_recipe_per_stage_kind(folder):
+    """At most three recipe YAMLs per model size: block sizes, initialisation and outputs are overrides."""
+    names = sorted(p.name for p in (ROOT / folder).glob("*.yaml"))
+    assert names == (["ar_pretrain.yaml", "pbm.yaml", "swd.yaml"] if folder == "tiny" else ["pbm.yaml", "swd.yaml"])
+
+
+@pytest.mark.parametrize("folder", ["tiny", *SIZES])
+def test_pbm_recipe_is_the_first_stage_and_takes_later_ones_as_overrides(folder, monkeypatch):
+    runs = "runs/tiny" if folder == "tiny" else f"runs/{folder}"
+    cfg = _load(ROOT / folder / "pbm.yaml", monkeypatch)
+    assert _recipe_class(cfg).__name__ == "BardVLPBMRecipe"
+    assert cfg.get("dataloader.collate_fn.block_size") == 2
+    assert str(cfg.get("model.pretrained_model_name_or_path")) == f"{runs}/ar_init"
+    assert str(cfg.get("checkpoint.checkpoint_dir")) == f"{runs}/pbm_b2"
+    assert cfg.get("checkpoint.save_consolidated") == "final"
+    assert cfg.get("bard.certainty_weight") == 0.0  # the PBM objective
+    base = cfg.to_dict()
+    for previous, block in zip(BLOCKS, BLOCKS[1:]):
+        later = _load_with(ROOT / folder / "pbm.yaml", [
+            f"--dataloader.collate_fn.block_size={block}",
+            f"--model.pretrained_model_name_or_path={runs}/pbm_b{previous}/final",
+            f"--checkpoint.checkpoint_dir={runs}/pbm_b{block}"], monkeypatch)
+        assert later.get("dataloader.collate_fn.block_size") == block
+        changed = later.to_dict()
+        # everything else is the first stage's
+        changed["dataloader"]["collate_fn"]["block_size"] = 2
+        changed["model"]["pretrained_model_name_or_path"] = f"{runs}/ar_init"
+        changed["checkpoint"]["checkpoint_dir"] = f"{runs}/pbm_b2"
+        assert changed == base
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("block", BLOCKS)
-def test_real_size_templates_carry_the_published_hyperparameters(size, block, monkeypatch):
-    cfg = _load(ROOT / size / f"pbm_b{block}.yaml", monkeypatch)
+def test_real_size_templates_carry_the_published_hyperparameters(size, monkeypatch):
+    cfg = _load(ROOT / size / "pbm.yaml", monkeypatch)
     assert cfg.get("optimizer.lr") == pytest.approx(2e-5)
     assert list(cfg.get("optimizer.betas")) == [0.9, 0.95]
     assert cfg.get("optimizer.weight_decay") == (0.01 if "8b" in size else 0.0)  # published 8B PBM: 0.01
@@ -73,7 +96,7 @@ def test_param_group_patterns_split_the_three_components():
 
     from nemo_automodel_bard.recipes.common import param_group_kind
 
-    cfg = load_recipe_config(ROOT / "qwen3_vl_4b" / "pbm_b4.yaml")
+    cfg = load_recipe_config(ROOT / "qwen3_vl_4b" / "pbm.yaml")
     patterns = [g.get("pattern") for g in cfg.get("optimizer.param_group_overrides")]
 
     def group(name: str) -> int:  # NeMo's rule: the first matching pattern wins, else group 0
@@ -101,8 +124,8 @@ def test_tiny_ar_pretrain_recipe(monkeypatch):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name", ["swd.yaml", "swd_b8.yaml", "swd_b16.yaml", "swd_b32.yaml"])
-def test_real_size_swd_templates_follow_the_published_distillation(size, name, monkeypatch):
+def test_real_size_swd_templates_follow_the_published_distillation(size, monkeypatch):
+    name = "swd.yaml"
     cfg = _load(ROOT / size / name, monkeypatch)
     assert cfg.get("step_scheduler.global_batch_size") == 64  # 1 x 8 accumulation x 8 GPUs
     assert cfg.get("optimizer.lr") == pytest.approx(6e-6)

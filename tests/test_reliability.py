@@ -276,7 +276,7 @@ def test_a_run_without_usable_samples_stops_and_exports_nothing(tiny_model_dir, 
     bad = _write_jsonl(tmp_path / "bad.jsonl", [_with_image(f"/missing/{i}.png") for i in range(8)])
     out = tmp_path / "run"
     with pytest.raises(NoUsableSamplesError, match=r"without a single usable training sample .*record \d+: .*missing"):
-        run_recipe(ROOT / "recipes" / "tiny" / "pbm_b2.yaml", [
+        run_recipe(ROOT / "recipes" / "tiny" / "pbm.yaml", [
             f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=3",
             "--step_scheduler.global_batch_size=4", "--step_scheduler.local_batch_size=4",
             "--step_scheduler.ckpt_every_steps=100", "--validation_dataset=None", "--bard.progress_bar=false",
@@ -299,7 +299,7 @@ def test_training_log_survives_a_kill_after_a_checkpoint(tiny_model_dir, tmp_pat
     """kill -9 after the step-5 checkpoint: training.jsonl holds every step up to it (NeMo buffers 100 records;
     the checkpoint flushes them), so a resumed run's log and the report's loss curve are complete."""
     out = tmp_path / "run"
-    args = [str(ROOT / "recipes" / "tiny" / "pbm_b2.yaml"), f"--model.pretrained_model_name_or_path={tiny_model_dir}",
+    args = [str(ROOT / "recipes" / "tiny" / "pbm.yaml"), f"--model.pretrained_model_name_or_path={tiny_model_dir}",
             "--step_scheduler.max_steps=400", "--step_scheduler.global_batch_size=2",
             "--step_scheduler.local_batch_size=2", "--step_scheduler.ckpt_every_steps=5",
             "--validation_dataset=None", "--bard.progress_bar=false", "--dataset.size=64",
@@ -469,7 +469,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_model_d
     from helpers import QUICK_RECIPE, read_jsonl, read_weights
     from nemo_automodel_bard.recipes.common import run_recipe
 
-    pbm = ROOT / "recipes" / "tiny" / "pbm_b2.yaml"
+    pbm = ROOT / "recipes" / "tiny" / "pbm.yaml"
     common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=6",
               *QUICK_RECIPE, "--step_scheduler.ckpt_every_steps=2"]
     run_recipe(pbm, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
@@ -509,7 +509,7 @@ def test_kill_during_a_checkpoint_save_resumes_bit_identically(tiny_model_dir, t
 
     from helpers import QUICK_RECIPE, read_jsonl, read_weights
 
-    pbm = str(ROOT / "recipes" / "tiny" / "pbm_b2.yaml")
+    pbm = str(ROOT / "recipes" / "tiny" / "pbm.yaml")
     common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=6",
               *QUICK_RECIPE, "--step_scheduler.ckpt_every_steps=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run in a child with the same numerics

@@ -20,7 +20,7 @@ from nemo_automodel_bard.pipeline.trajectories import write_trajectories
 from nemo_automodel_bard.recipes.common import RecipeConfigError, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-YAML = ROOT / "recipes" / "tiny" / "self_distill.yaml"
+YAML = ROOT / "recipes" / "tiny" / "pbm.yaml"  # self-distillation: the PBM recipe with bard.certainty_weight
 
 
 # ------------------------------------------------------------------------------------------ the loss term
@@ -127,7 +127,8 @@ def test_recipe_trains_resumes_and_leaves_its_source_untouched(tiny_model_dir, t
     before = hashlib.sha256(weights.read_bytes()).hexdigest()
     common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=4",
               "--dataset._target_=nemo_automodel_bard.data.factory.make_dataset", "--dataset.kind=jsonl",
-              f"--dataset.path={data}", "--dataloader.collate_fn.block_size=4", *QUICK_RECIPE]
+              f"--dataset.path={data}", "--dataloader.collate_fn.block_size=4", "--bard.certainty_weight=1.0",
+              *QUICK_RECIPE]
     run_recipe(YAML, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
     stopped = run_recipe(YAML, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'b'}", "--bard.stop_after_steps=2"])
     assert stopped.step_scheduler.step == 2
@@ -144,6 +145,7 @@ def test_recipe_trains_resumes_and_leaves_its_source_untouched(tiny_model_dir, t
     run_recipe(YAML, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'c'}", "--bard.certainty_weight=0"])
     log_c = read_jsonl(tmp_path / "c" / "training.jsonl")
     assert log_c[0]["ce"] == log_a[0]["ce"] and log_c[0]["loss"] <= log_a[0]["loss"]
+    assert all("certainty_weight" not in r for r in log_c)  # the PBM objective logs no certainty weight
 
 
 def test_recipe_refuses_a_negative_certainty_weight(tiny_model_dir, tmp_path):
@@ -180,6 +182,7 @@ def test_stage_decodes_its_own_stream_and_trains_on_the_kept_answers(tmp_path, m
     assert run["model.pretrained_model_name_or_path"] == str(tmp_path / "b32")
     assert run["dataset.kind"] == "jsonl" and run["dataset.path"] == out["trajectories"]
     assert run["bard.certainty_weight"] == 1.0 and run["step_scheduler.max_steps"] == 3
+    assert run["_recipe"] == "pbm.yaml" and run["optimizer.lr"] == 2.0e-4  # PBM's recipe, the stage's own lr
     assert run["dataloader.collate_fn.max_loss_weight"] == 10.0  # the PBM objective's options at B=32
     assert "dataloader.collate_fn.complementary" not in run
     # the prompts are a stream of their own: no other stage trains on them

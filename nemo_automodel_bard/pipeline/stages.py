@@ -274,7 +274,7 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     """One PBM run (also the SWD anchor's extra steps); its seeds and data are the stream ``name``.
     ``first``: the chain's first stage, which also gets ``pbm.first_stage_overrides``."""
     section = ctx.cfg["pbm"]
-    recipe = section["recipe"].format(block_size=block)
+    recipe = section["recipe"]
     overrides = {
         "model.pretrained_model_name_or_path": init_dir,
         "dataloader.collate_fn.block_size": block,

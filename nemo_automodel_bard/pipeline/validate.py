@@ -162,7 +162,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         raise PipelineConfigError(f"model.init: checkpoint path {init!r} does not exist (and is not a hub id)")
     if not init and "ar_pretrain" in stages and not (recipe_dir / cfg["ar_pretrain"]["recipe"]).exists():
         raise PipelineConfigError(f"ar_pretrain.recipe: {recipe_dir / cfg['ar_pretrain']['recipe']} does not exist")
-    needed = {"pbm": [cfg["pbm"]["recipe"].format(block_size=b) for b in blocks], "swd": [swd["recipe"]],
+    needed = {"pbm": [cfg["pbm"]["recipe"]], "swd": [swd["recipe"]],
               "self_distill": [cfg["self_distill"]["recipe"]] if "self_distill" in cfg else []}
     for stage, files in needed.items():
         if stage in stages:

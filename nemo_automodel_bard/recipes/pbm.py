@@ -8,10 +8,15 @@ the collator's (``dataloader.collate_fn.block_size``); the recipe writes it into
 
 Run (CPU, gloo; N processes give the same losses and gradients as one)::
 
-    torchrun --standalone --nproc-per-node=2 -m nemo_automodel.cli.app recipes/tiny/pbm_b2.yaml \\
+    torchrun --standalone --nproc-per-node=2 -m nemo_automodel.cli.app recipes/tiny/pbm.yaml \\
         --dataloader.collate_fn.block_size=2 --step_scheduler.max_steps=100
 
-GPU hosts: ``automodel recipes/qwen3_vl_4b/pbm_b4.yaml`` (see ``docs/recipes.md``).
+GPU hosts: ``automodel recipes/qwen3_vl_4b/pbm.yaml`` (see ``docs/recipes.md``).
+
+Certainty-forcing self-distillation (the pipeline's ``self_distill`` stage, ``docs/self_distill.md``) is
+this recipe on the model's own right answers with ``bard.certainty_weight`` > 0: the entropy of the
+prediction at every masked position the model already predicts right is added to the loss (dParallel's
+certainty forcing). ``0`` (the default) is the PBM objective.
 
 Loss normalisation: each sample's ELBO-weighted cross-entropy is normalised by its noisy-region
 length, summed over the samples of a micro-batch and divided by the *global* number of samples of
@@ -22,12 +27,13 @@ Logged per step (``<checkpoint_dir>/training.jsonl``, W&B / MLflow when configur
 ``ce`` (unweighted CE at the loss positions), ``accuracy``, ``grad_norm``, ``lr`` / ``lr_language``
 / ``lr_merger`` / ``lr_vision``, ``tps`` (non-padding tokens per second), ``mask_fraction``
 (corrupted / noisy-region tokens), ``num_samples``, ``num_label_tokens``, ``num_skipped``,
-``block_size``, ``step_time``.
+``block_size``, ``step_time`` (and ``certainty_weight`` when it is set).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -71,16 +77,20 @@ class BardVLPBMRecipe(BardRecipeBase):
 
     YAML: ``recipe: nemo_automodel_bard.recipes.pbm.BardVLPBMRecipe``, ``model._target_:
     nemo_automodel_bard.recipes.model_builder.build_bard_vl``, ``dataloader.collate_fn._target_:
-    nemo_automodel_bard.recipes.collate.bard_collate_fn``; see ``recipes/tiny/pbm_b2.yaml``.
+    nemo_automodel_bard.recipes.collate.bard_collate_fn``; see ``recipes/tiny/pbm.yaml``.
     """
 
     objective = "diffusion"
     collate_fn_name = "nemo_automodel_bard.recipes.collate.bard_collate_fn"
     builders = (build_bard_vl,)
     denominator_key = "samples"
+    extra_bard_keys = frozenset({"certainty_weight"})
 
     def validate_config(self) -> None:
         super().validate_config()
+        weight = self.cfg.get("bard.certainty_weight", 0.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise RecipeConfigError(f"bard.certainty_weight must be a finite number >= 0, got {weight!r}")
         attention = self.cfg.get("bard.attention", "auto")
         if attention not in ATTENTION_MODES:
             raise RecipeConfigError(f"bard.attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -92,6 +102,11 @@ class BardVLPBMRecipe(BardRecipeBase):
     def block_size(self) -> int:
         """The block size this stage trains (the training collator's)."""
         return int(self.train_collator.block_size)
+
+    @property
+    def certainty_weight(self) -> float:
+        """Weight of the certainty (entropy) term; 0 is the PBM objective."""
+        return float(self.cfg.get("bard.certainty_weight", 0.0))
 
     @property
     def attention(self) -> str:
@@ -151,8 +166,8 @@ class BardVLPBMRecipe(BardRecipeBase):
         }
 
     def _loss_options(self) -> dict[str, Any]:
-        """Extra keyword arguments of :func:`diffusion_training_loss` (none here; subclasses add terms)."""
-        return {}
+        """Extra keyword arguments of :func:`diffusion_training_loss` (the certainty term when it is on)."""
+        return {"certainty_weight": self.certainty_weight} if self.certainty_weight else {}
 
     def _compute_loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> tuple[torch.Tensor, dict]:
         loss, metrics = diffusion_training_loss(model, batch, attention=self.attention, denominator=denominator,
@@ -162,10 +177,13 @@ class BardVLPBMRecipe(BardRecipeBase):
 
     def _extra_metrics(self, totals: dict[str, float]) -> dict[str, Any]:
         noisy = totals.get("noisy_tokens", 0.0)
-        return {
+        metrics = {
             "mask_fraction": totals.get("loss_tokens", 0.0) / noisy if noisy else 0.0,
             "block_size": self.block_size,
         }
+        if self.certainty_weight:
+            metrics["certainty_weight"] = self.certainty_weight
+        return metrics
 
     def _export_metadata(self) -> dict:
         collator = self.train_collator.collator
