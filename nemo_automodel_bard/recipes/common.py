@@ -16,9 +16,9 @@ MLflow logging and training loop. It replaces what cannot serve a block-diffusio
   consolidated Hugging Face directory, which holds config, weights, generation config and the
   processor / tokenizer files -- a complete model directory for the next stage.
 
-CPU support (tests, the embedded tiny pipeline) needs two scoped shims, both no-ops where CUDA is
-available: NeMo calls ``torch.cuda.reset_peak_memory_stats()`` unconditionally in ``setup()``, and
-leaves the training device unset without CUDA.
+Every use of NeMo internals (the replaced private methods, the model-builder swap, the CPU shim) is listed
+and version-checked in :mod:`nemo_automodel_bard.recipes.nemo_compat`; ``setup()`` runs that check first.
+Without CUDA NeMo leaves the training device unset; ``setup()`` sets the CPU.
 
 Recipe-specific YAML keys live in a ``bard:`` section:
 
@@ -34,7 +34,6 @@ Recipe-specific YAML keys live in a ``bard:`` section:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -48,7 +47,6 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 import nemo_automodel_bard  # noqa: F401 - registers Bard-VL with transformers and NeMo
-import nemo_automodel.recipes.vlm.finetune as _vlm_finetune
 from nemo_automodel.components.distributed.tp_replicas import synchronize_tp_replica_gradients
 from nemo_automodel.components.distributed.utils import get_sync_ctx
 from nemo_automodel.components.loggers.metric_logger import MetricsSample
@@ -63,6 +61,7 @@ from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
 from nemo_automodel.shared.import_utils import safe_import
 
 from .collate import resolve_collate
+from .nemo_compat import accept_custom_model_targets, check_nemo_compat, cpu_cuda_guard
 from .model_builder import ModelConfigError, build_bard_vl, build_qwen3_vl_ar, check_model_path, check_model_type
 
 _HAS_WANDB, wandb = safe_import("wandb")
@@ -74,8 +73,6 @@ __all__ = [
     "BardRecipeBase",
     "NoUsableSamplesError",
     "RecipeConfigError",
-    "accept_custom_model_targets",
-    "cpu_cuda_guard",
     "load_recipe_config",
     "param_group_kind",
     "run_recipe",
@@ -143,68 +140,6 @@ def param_group_kind(name: str) -> str:
     if re.search(VISION_PATTERN, name):
         return "vision"
     return "language"
-
-
-# ---------------------------------------------------------------------------------------------- shims
-
-
-@contextlib.contextmanager
-def cpu_cuda_guard():
-    """Make ``torch.cuda.reset_peak_memory_stats`` a no-op while NeMo code runs on a CPU-only host.
-
-    NeMo 0.7.0 calls it unconditionally (``FinetuneRecipeForVLM.setup`` and ``log_train_metrics``);
-    without CUDA it raises. With CUDA this context does nothing.
-    """
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.cuda.reset_peak_memory_stats
-    torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        torch.cuda.reset_peak_memory_stats = original
-
-
-def _build_model(cfg_model, cfg_freeze, cfg_peft, seed, cfg_fp8=None, cfg_compile=None,
-                 distributed_setup=None, cfg_quantization=None):  # fmt: skip
-    """``finetune.build_model`` that also accepts the Bard-VL builders as ``model._target_``."""
-    target = cfg_model.get("_target_", None)
-    if _vlm_finetune._is_recipe_target(target):
-        return _ORIGINAL_BUILD_MODEL(
-            cfg_model, cfg_freeze, cfg_peft, seed, cfg_fp8=cfg_fp8, cfg_compile=cfg_compile,
-            distributed_setup=distributed_setup, cfg_quantization=cfg_quantization,
-        )  # fmt: skip
-    from nemo_automodel.components.quantization.fp8 import build_fp8_config
-    from nemo_automodel.components.utils.compile_utils import build_compile_config
-
-    kwargs: dict[str, Any] = {
-        "peft_config": cfg_peft,
-        "freeze_config": cfg_freeze.to_dict() if cfg_freeze is not None else None,
-        "distributed_setup": distributed_setup,
-    }
-    if cfg_fp8 is not None:
-        kwargs["fp8_config"] = build_fp8_config(cfg_fp8)
-    if cfg_compile is not None:
-        kwargs["compile_config"] = build_compile_config(cfg_compile)
-    if cfg_quantization is not None:
-        kwargs["quantization_config"] = cfg_quantization
-    with ScopedRNG(seed=seed, ranked=True):
-        return cfg_model.instantiate(**kwargs)
-
-
-_ORIGINAL_BUILD_MODEL = _vlm_finetune.build_model
-
-
-@contextlib.contextmanager
-def accept_custom_model_targets():
-    """Within the context, NeMo's VLM recipe accepts any callable ``model._target_`` (it keeps its own
-    handling of the ``NeMoAutoModel*`` loaders). The module global is restored afterwards."""
-    _vlm_finetune.build_model = _build_model
-    try:
-        yield
-    finally:
-        _vlm_finetune.build_model = _ORIGINAL_BUILD_MODEL
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -349,6 +284,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
 
     def setup(self) -> None:
         """NeMo's ``setup()`` plus the Bard-VL pieces (collators, stage metadata, parameter groups)."""
+        check_nemo_compat()
         self.validate_config()
         with cpu_cuda_guard(), accept_custom_model_targets():
             super().setup()
