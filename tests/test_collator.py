@@ -12,7 +12,8 @@ from PIL import Image
 
 from nemo_automodel_bard.data import chat_dataset
 from nemo_automodel_bard.data.chat_dataset import ChatDataset, ShapesChatDataset, shapes_dataset
-from nemo_automodel_bard.data.collator import BardVLCollator, qwen3_vl_rope_index
+from nemo_automodel_bard.data.collator import BardVLCollator
+from nemo_automodel_bard.data.rope import qwen3_vl_rope_index
 from nemo_automodel_bard.data.shapes import ShapesTask, write_jsonl
 from nemo_automodel_bard.diffusion import TokenType, sample_layout, visibility
 

@@ -20,17 +20,18 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from nemo_automodel_bard.data.collator import (
+from nemo_automodel_bard.decoding.inputs import MEDIA_KEYS
+
+from .media import PIXEL_KEYS, item_kind, load_image_item, load_video_item, processor_video_kwargs
+from .records import (
+    ROLES,
     SampleSkipped,
     answer_special_ids,
     check_answer_tokens,
     check_media_placeholders,
     check_prompt_placeholders,
-    load_image_item,
-    load_video_item,
-    processor_video_kwargs,
-    qwen3_vl_rope_index,
 )
+from .rope import qwen3_vl_rope_index
 
 logger = logging.getLogger(__name__)
 
@@ -38,34 +39,7 @@ __all__ = ["ARChatCollator", "MODEL_INPUTS", "append_tail_tokens"]
 
 IGNORE_INDEX = -100
 #: batch keys that are model inputs
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "mm_token_type_ids",
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-)
-_ROLES = ("system", "user", "assistant")
-_PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-
-
-_Skip = SampleSkipped  # one signal for an unusable sample, shared with the diffusion collator
-
-
-def _kind(item: Any) -> str:
-    if not isinstance(item, Mapping):
-        raise _Skip(f"content item must be a dict, got {type(item).__name__}")
-    kind = item.get("type")
-    if kind in ("image", "image_url") or (kind is None and (item.get("image") is not None or item.get("image_url") is not None)):
-        return "image"
-    if kind == "video" or (kind is None and item.get("video") is not None):
-        return "video"
-    if kind == "text" or (kind is None and item.get("text") is not None):
-        return "text"
-    raise _Skip(f"unknown content item type {kind!r}")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *MEDIA_KEYS)
 
 
 class ARChatCollator:
@@ -127,17 +101,17 @@ class ARChatCollator:
     def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list, list, list, list]:
         rendered, images, videos, video_metadata = [], [], [], []
         for i, msg in enumerate(messages):
-            if not isinstance(msg, Mapping) or msg.get("role") not in _ROLES:
-                raise _Skip(f"message {i} is not a {{'role', 'content'}} dict with a known role")
+            if not isinstance(msg, Mapping) or msg.get("role") not in ROLES:
+                raise SampleSkipped(f"message {i} is not a {{'role', 'content'}} dict with a known role")
             content = msg.get("content")
             if isinstance(content, str):
                 rendered.append({"role": msg["role"], "content": content})
                 continue
             if not isinstance(content, (list, tuple)):
-                raise _Skip(f"message {i} content must be a string or a list")
+                raise SampleSkipped(f"message {i} content must be a string or a list")
             items = []
             for item in content:
-                kind = _kind(item)
+                kind = item_kind(item)
                 if kind == "image":
                     images.append(load_image_item(item, self.image_root, self._media_factor))
                     items.append({"type": "image"})
@@ -158,25 +132,25 @@ class ARChatCollator:
         else:
             parts = []
             for item in content or []:
-                if _kind(item) != "text":
-                    raise _Skip("the assistant turn contains media; only text responses are trained")
+                if item_kind(item) != "text":
+                    raise SampleSkipped("the assistant turn contains media; only text responses are trained")
                 parts.append(str(item.get("text") or ""))
             text = "".join(parts)
         if not text.strip():
-            raise _Skip("empty response")
+            raise SampleSkipped("empty response")
         return text
 
     def _prepare(self, sample: Any) -> dict:
         if not isinstance(sample, Mapping):
-            raise _Skip(f"sample must be a dict with 'messages', got {type(sample).__name__}")
+            raise SampleSkipped(f"sample must be a dict with 'messages', got {type(sample).__name__}")
         if sample.get("error") is not None:
-            raise _Skip(str(sample["error"]))
+            raise SampleSkipped(str(sample["error"]))
         messages = sample.get("messages")
         if not isinstance(messages, (list, tuple)) or not messages:
-            raise _Skip("missing or empty 'messages' list")
+            raise SampleSkipped("missing or empty 'messages' list")
         turns = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"]
         if not turns:
-            raise _Skip("no assistant turn")
+            raise SampleSkipped("no assistant turn")
         turn = turns[-1]
         text = self._response(messages[turn])
         rendered, images, videos, video_metadata = self._render(messages[:turn])
@@ -187,7 +161,7 @@ class ARChatCollator:
             out = self.processor(text=[prompt_text], images=images or None, videos=videos or None, return_tensors="pt",
                                  **processor_video_kwargs(video_metadata))
         except Exception as exc:
-            raise _Skip(f"processor failed: {type(exc).__name__}: {exc}") from None
+            raise SampleSkipped(f"processor failed: {type(exc).__name__}: {exc}") from None
         check_media_placeholders(out, self.image_token_id, self.video_token_id, len(images), len(videos), self.merge)
         prompt = out["input_ids"][0].to(torch.int64)
         mm = out.get("mm_token_type_ids")
@@ -203,7 +177,7 @@ class ARChatCollator:
         if self.max_length is not None and P + response.numel() > self.max_length:
             keep = self.max_length - P
             if keep < 1:
-                raise _Skip(f"too long: prompt of {P} tokens exceeds max_length={self.max_length}")
+                raise SampleSkipped(f"too long: prompt of {P} tokens exceeds max_length={self.max_length}")
             response = response[:keep]
         ids = torch.cat([prompt, response])
         mm_full = torch.cat([mm, torch.zeros(response.numel(), dtype=torch.int64)])
@@ -222,7 +196,7 @@ class ARChatCollator:
             "mm_token_type_ids": mm_full,
             "position_ids": positions,
             "labels": labels,
-            "pixels": {k: out[k] for k in _PIXEL_KEYS if out.get(k) is not None},
+            "pixels": {k: out[k] for k in PIXEL_KEYS if out.get(k) is not None},
         }
 
     # ------------------------------------------------------------------ batch
@@ -235,7 +209,7 @@ class ARChatCollator:
             index = sample.get("index", n) if isinstance(sample, Mapping) else n
             try:
                 rows.append(self._prepare(sample))
-            except _Skip as exc:
+            except SampleSkipped as exc:
                 if self.strict:
                     raise ValueError(f"sample {index}: {exc}") from None
                 logger.warning("ARChatCollator: skipping sample %s: %s", index, exc)
@@ -249,7 +223,7 @@ class ARChatCollator:
             "position_ids": torch.zeros((3, b, L), dtype=torch.int64),
             "mm_token_type_ids": torch.zeros((b, L), dtype=torch.int64),
         }
-        pixels: dict[str, list] = {k: [] for k in _PIXEL_KEYS}
+        pixels: dict[str, list] = {k: [] for k in PIXEL_KEYS}
         for i, row in enumerate(rows):
             n = int(row["input_ids"].numel())
             batch["input_ids"][i, :n] = row["input_ids"]

@@ -32,12 +32,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from .media import MEDIA_ITEM_KEYS
+from .records import ROLES
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChatDataset", "ShapesChatDataset", "shapes_dataset", "validate_record"]
 
-_ROLES = ("system", "user", "assistant")
-_MEDIA_KEYS = {"image": ("image", "image_url"), "video": ("video",)}
 
 
 def validate_record(record: Any) -> Optional[str]:
@@ -51,8 +52,8 @@ def validate_record(record: Any) -> Optional[str]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
             return f"message {i} is not an object"
-        if msg.get("role") not in _ROLES:
-            return f"message {i} has role {msg.get('role')!r}; expected one of {_ROLES}"
+        if msg.get("role") not in ROLES:
+            return f"message {i} has role {msg.get('role')!r}; expected one of {ROLES}"
         content = msg.get("content")
         if not isinstance(content, (str, list, tuple)):
             return f"message {i} content must be a string or a list, got {type(content).__name__}"
@@ -82,10 +83,9 @@ def _with_resolved_paths(messages: list, root: Optional[str]) -> list:
             items = []
             for item in content:
                 item = dict(item)
-                for keys in _MEDIA_KEYS.values():
-                    for key in keys:
-                        if item.get(key) is not None:
-                            item[key] = _resolve_media(item[key], root)
+                for key in MEDIA_ITEM_KEYS:
+                    if item.get(key) is not None:
+                        item[key] = _resolve_media(item[key], root)
                 items.append(item)
             msg = {**msg, "content": items}
         out.append(dict(msg))

@@ -37,15 +37,12 @@ YAML (NeMo's loader resolves ``_target_``)::
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -60,307 +57,22 @@ from nemo_automodel_bard.diffusion.noise import (
     sample_generator,
 )
 from nemo_automodel_bard.diffusion.losses import REDUCTIONS
+from nemo_automodel_bard.models.bard_vl.configuration_bard_vl import QWEN3_VL_MASK_TOKEN_ID
+
+from .media import PIXEL_KEYS, item_kind, load_image_item, load_video_item, processor_video_kwargs
+from .records import (
+    ROLES,
+    SampleSkipped,
+    answer_special_ids,
+    check_answer_tokens,
+    check_media_placeholders,
+    check_prompt_placeholders,
+)
+from .rope import Qwen3VLRopeIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BardVLCollator", "SampleSkipped", "load_image", "qwen3_vl_rope_index"]
-
-_ROLES = ("system", "user", "assistant")
-_PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-#: a content item's own size keys (Qwen-VL's): an exact size, or bounds on the area
-ITEM_SIZE_KEYS = ("resized_height", "resized_width", "min_pixels", "max_pixels")
-#: a video item's sampling keys passed to qwen-vl-utils (besides the size keys)
-VIDEO_OPTION_KEYS = (*ITEM_SIZE_KEYS, "fps", "nframes", "min_frames", "max_frames", "video_start", "video_end",
-                     "total_pixels")
-#: images larger than this are skipped before decoding (an 81-megapixel PNG costs seconds and gigabytes)
-MAX_SOURCE_PIXELS = 50_000_000
-#: Qwen3-VL mask row, used when neither the tokenizer nor a config names a mask token.
-_QWEN3_VL_MASK_TOKEN_ID = 151671
-
-
-class SampleSkipped(Exception):
-    """Internal signal: the current sample is unusable; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def answer_special_ids(tokenizer: Any, extra: Sequence[Optional[int]] = ()) -> torch.Tensor:
-    """Ids that must never occur inside an answer's text: every special token of ``tokenizer`` (chat
-    markers, vision placeholders, MASK, EOS, ...) plus ``extra``; sorted int64 ``[K]``."""
-    ids = {int(i) for i in tokenizer.all_special_ids}
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids |= {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
-    ids |= {int(i) for i in extra if i is not None}
-    return torch.tensor(sorted(ids), dtype=torch.int64)
-
-
-def check_answer_tokens(response_ids: torch.Tensor, special_ids: torch.Tensor, tokenizer: Any, turn: int) -> None:
-    """Raise :class:`SampleSkipped` when the tokenised answer text contains special tokens: a literal
-    ``<|im_end|>`` or ``<|mask|>`` in an answer would be trained as a target (and a vision placeholder
-    would break the row)."""
-    found = torch.isin(response_ids, special_ids)
-    if bool(found.any()):
-        names = sorted({tokenizer.convert_ids_to_tokens(int(i)) for i in response_ids[found].unique()})
-        raise SampleSkipped(f"assistant turn {turn} contains special token(s) {names} in its text")
-
-
-def check_prompt_placeholders(text: str, processor: Any, num_images: int, num_videos: int) -> None:
-    """Raise :class:`SampleSkipped` unless the rendered chat prompt holds exactly one image / video
-    placeholder per image / video of the messages (a user who typed ``<|image_pad|>`` would otherwise
-    make the processor fail or feed features to the wrong tokens)."""
-    for token, count, name in ((getattr(processor, "image_token", "<|image_pad|>"), num_images, "image"),
-                               (getattr(processor, "video_token", "<|video_pad|>"), num_videos, "video")):
-        found = text.count(token) if token else 0
-        if found != count:
-            raise SampleSkipped(f"{name} placeholder/feature mismatch: the prompt text holds {found} {token!r} "
-                                f"for {count} {name}(s) in the messages")
-
-
-def check_media_placeholders(out: Mapping[str, Any], image_token_id: Optional[int], video_token_id: Optional[int],
-                             num_images: int, num_videos: int, merge_size: int) -> None:
-    """Raise :class:`SampleSkipped` unless the processor output has as many image / video placeholder
-    tokens as features and one grid per image / video of the messages (a literal ``<|image_pad|>`` typed
-    into a prompt, for example, breaks that)."""
-    ids = out["input_ids"]
-    merge = merge_size**2
-    for token_id, grid_key, name, count in (
-        (image_token_id, "image_grid_thw", "image", num_images),
-        (video_token_id, "video_grid_thw", "video", num_videos),
-    ):
-        grid = out.get(grid_key)
-        n_tokens = int((ids == token_id).sum()) if token_id is not None else 0
-        n_feats = int((grid.prod(-1) // merge).sum()) if grid is not None else 0
-        n_grids = int(grid.shape[0]) if grid is not None else 0
-        if n_tokens != n_feats or n_grids != count:
-            raise SampleSkipped(
-                f"{name} placeholder/feature mismatch: {n_tokens} placeholder tokens, {n_feats} features, "
-                f"{count} {name}s in the messages"
-            )
-
-
-# ------------------------------------------------------------------------------------------------ media
-
-
-def _present(item: Mapping[str, Any], key: str) -> bool:
-    """A key counts only when its value is not None (Arrow fills absent struct fields with None)."""
-    return item.get(key) is not None
-
-
-def _item_kind(item: Any) -> str:
-    """``"image"``, ``"video"`` or ``"text"`` for one content item (raises SampleSkipped otherwise)."""
-    if not isinstance(item, Mapping):
-        raise SampleSkipped(f"content item must be a dict, got {type(item).__name__}")
-    kind = item.get("type")
-    if kind in ("image", "image_url") or (kind is None and (_present(item, "image") or _present(item, "image_url"))):
-        return "image"
-    if kind == "video" or (kind is None and _present(item, "video")):
-        return "video"
-    if kind == "text" or (kind is None and _present(item, "text")):
-        return "text"
-    raise SampleSkipped(f"unknown content item type {kind!r} (expected image, video or text)")
-
-
-def _resolve_path(ref: str, image_root: Optional[str]) -> Path:
-    if ref.startswith(("http://", "https://")):
-        raise SampleSkipped(f"remote media are not supported (no network access in the collator): {ref!r}")
-    if ref.startswith("file://"):
-        ref = ref[len("file://") :]
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and image_root is not None:
-        path = Path(image_root) / path
-    return path
-
-
-def load_image(ref: Any, image_root: Optional[str] = None):
-    """Load one image reference into an RGB ``PIL.Image``.
-
-    ``ref`` may be a PIL image, raw ``bytes``, a ``data:image/...;base64,`` URI, a path (absolute,
-    ``file://``, or relative to ``image_root``), a numpy array, or a Hugging Face ``Image`` dict with
-    ``bytes`` / ``path``. Raises :class:`SampleSkipped` with a readable reason when it cannot.
-    """
-    from PIL import Image
-
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB") if ref.mode != "RGB" else ref
-    if isinstance(ref, Mapping):
-        if ref.get("bytes") is not None:
-            return load_image(ref["bytes"], image_root)
-        if ref.get("path") is not None:
-            return load_image(ref["path"], image_root)
-        raise SampleSkipped(f"image dict has neither 'bytes' nor 'path': keys {sorted(ref)}")
-    if isinstance(ref, (bytes, bytearray, memoryview)):
-        try:
-            img = Image.open(io.BytesIO(bytes(ref)))
-            _check_source_pixels(img, "inline image")
-            img.load()
-        except SampleSkipped:
-            raise
-        except Exception as exc:  # PIL raises many types
-            raise SampleSkipped(f"unreadable inline image bytes ({type(exc).__name__}: {exc})") from None
-        return img.convert("RGB")
-    if isinstance(ref, str):
-        if ref.startswith("data:"):
-            try:
-                payload = ref.split(",", 1)[1]
-                return load_image(base64.b64decode(payload), image_root)
-            except (IndexError, ValueError):
-                raise SampleSkipped("malformed data: URI image") from None
-        path = _resolve_path(ref, image_root)
-        if not path.is_file():
-            raise SampleSkipped(f"image file not found: {str(path)!r}")
-        try:
-            with Image.open(path) as img:
-                _check_source_pixels(img, f"image file {str(path)!r}")
-                img.load()
-                return img.convert("RGB")
-        except SampleSkipped:
-            raise
-        except Exception as exc:
-            raise SampleSkipped(f"unreadable image file {str(path)!r} ({type(exc).__name__}: {exc})") from None
-    if hasattr(ref, "__array__"):
-        try:
-            import numpy as np
-
-            return Image.fromarray(np.asarray(ref)).convert("RGB")
-        except Exception as exc:
-            raise SampleSkipped(f"image array could not be converted ({exc})") from None
-    raise SampleSkipped(f"unsupported image reference of type {type(ref).__name__}")
-
-
-def _check_source_pixels(img: Any, what: str) -> None:
-    """Skip an image whose header announces more than :data:`MAX_SOURCE_PIXELS` pixels, before decoding it."""
-    width, height = img.size
-    if width * height > MAX_SOURCE_PIXELS:
-        raise SampleSkipped(f"{what} is {width}x{height} = {width * height / 1e6:.0f} megapixels, above the "
-                            f"{MAX_SOURCE_PIXELS / 1e6:.0f}-megapixel limit of the data loader (downscale it first)")
-
-
-def _positive_int(item: Mapping[str, Any], key: str) -> Optional[int]:
-    value = item.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or int(value) != value:
-        raise SampleSkipped(f"{key} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def resize_to_item_limits(image: Any, item: Mapping[str, Any], factor: int) -> Any:
-    """Apply a content item's own Qwen-VL size keys to one PIL image: ``resized_height`` + ``resized_width``
-    (an exact size, rounded to ``factor``), else ``min_pixels`` / ``max_pixels`` (the area kept within those
-    bounds, aspect ratio kept, sides multiples of ``factor`` = patch size x merge size). An item without these
-    keys is returned unchanged: the processor then applies its own limits."""
-    from qwen_vl_utils.vision_process import smart_resize
-
-    limits = {key: _positive_int(item, key) for key in ITEM_SIZE_KEYS}
-    if all(value is None for value in limits.values()):
-        return image
-    width, height = image.size
-    try:
-        if limits["resized_height"] is not None and limits["resized_width"] is not None:
-            new_h, new_w = smart_resize(limits["resized_height"], limits["resized_width"], factor=factor)
-        else:
-            low = limits["min_pixels"] or factor * factor
-            high = limits["max_pixels"] or max(width * height, low)
-            if low > high:
-                raise SampleSkipped(f"min_pixels {low} is above max_pixels {high}")
-            new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
-    except SampleSkipped:
-        raise
-    except ValueError as exc:  # e.g. an aspect ratio above Qwen-VL's 200:1
-        raise SampleSkipped(f"cannot resize a {width}x{height} image to the item's limits: {exc}") from None
-    return image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample=3)  # bicubic
-
-
-def load_image_item(item: Mapping[str, Any], image_root: Optional[str], factor: int) -> Any:
-    """The PIL image of an ``{"type": "image", "image" | "image_url": ...}`` content item, resized to the item's
-    own size keys (see :func:`resize_to_item_limits`)."""
-    ref = item.get("image") if _present(item, "image") else item.get("image_url")
-    if isinstance(ref, Mapping) and "url" in ref:  # OpenAI-style {"image_url": {"url": ...}}
-        ref = ref["url"]
-    return resize_to_item_limits(load_image(ref, image_root), item, factor)
-
-
-def load_video_item(item: Mapping[str, Any], image_root: Optional[str], patch_size: int,
-                    factor: int) -> tuple[Any, Optional[dict[str, Any]]]:
-    """A video content item as ``(video, metadata)``: a list of frames (each a PIL image, resized to the item's
-    size keys; metadata ``None``), or a video file decoded by qwen-vl-utils (decord, or torchcodec when
-    installed; frames sampled by the item's ``fps`` / ``nframes`` / ``video_start`` / ``video_end`` and sized by
-    its pixel keys) as a ``[frames, 3, H, W]`` float tensor with its metadata (source fps, frame indices)."""
-    ref = item.get("video")
-    if isinstance(ref, (list, tuple)):
-        if not ref:
-            raise SampleSkipped("video has no frames")
-        return [resize_to_item_limits(load_image(frame, image_root), item, factor) for frame in ref], None
-    if not isinstance(ref, str):
-        raise SampleSkipped(f"unsupported video reference of type {type(ref).__name__}")
-    path = _resolve_path(ref, image_root)
-    if not path.is_file():
-        raise SampleSkipped(f"video file not found: {str(path)!r}")
-    from qwen_vl_utils import fetch_video
-
-    options = {key: item[key] for key in VIDEO_OPTION_KEYS if _present(item, key)}
-    try:
-        video, metadata = fetch_video({"video": str(path), **options}, image_patch_size=patch_size,
-                                      return_video_metadata=True)
-    except Exception as exc:  # decoder errors: not a video, truncated file, unsupported codec
-        raise SampleSkipped(f"unreadable video file {str(path)!r} ({type(exc).__name__}: {exc})") from None
-    return video, metadata
-
-
-def processor_video_kwargs(metadata: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
-    """Processor keyword arguments for videos loaded by :func:`load_video_item`: decoded files carry their
-    sampling metadata (timestamps) and must not be sampled again; frame lists pass nothing."""
-    if not metadata or all(m is None for m in metadata):
-        return {}
-    if any(m is None for m in metadata):
-        raise SampleSkipped("a sample mixes video files and frame lists; use one kind per sample")
-    return {"video_metadata": list(metadata), "do_sample_frames": False}
-
-
-# ------------------------------------------------------------------------------------------------ rope
-
-
-class _RopeIndexer:
-    """Stand-in ``self`` for Qwen3-VL's ``get_rope_index``: it only reads
-    ``config.vision_config.spatial_merge_size`` and calls ``get_vision_position_ids``."""
-
-    def __init__(self, spatial_merge_size: int) -> None:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
-
-        self.config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=int(spatial_merge_size)))
-        self._model_cls = Qwen3VLModel
-
-    def get_vision_position_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._model_cls.get_vision_position_ids(self, *args, **kwargs)
-
-    def __call__(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None) -> torch.Tensor:
-        positions, _ = self._model_cls.get_rope_index(
-            self,
-            input_ids,
-            mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw.clone() if video_grid_thw is not None else None,
-        )
-        return positions
-
-
-def qwen3_vl_rope_index(
-    input_ids: torch.Tensor,
-    mm_token_type_ids: torch.Tensor,
-    image_grid_thw: Optional[torch.Tensor] = None,
-    video_grid_thw: Optional[torch.Tensor] = None,
-    *,
-    spatial_merge_size: int = 2,
-) -> torch.Tensor:
-    """Qwen3-VL mRoPE positions ``[3, batch, L]`` without a model (transformers' own code).
-
-    Args:
-        input_ids: ``[batch, L]`` (no padding). mm_token_type_ids: ``[batch, L]`` (0 text, 1 image, 2 video).
-        image_grid_thw / video_grid_thw: ``[n, 3]`` grids of the images / videos in row-major order.
-    """
-    return _RopeIndexer(spatial_merge_size)(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw)
+__all__ = ["BardVLCollator"]
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -534,7 +246,7 @@ class BardVLCollator:
         self.spatial_merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
         self._patch_size = int(getattr(image_processor, "patch_size", 16) or 16)
         self._media_factor = self._patch_size * self.spatial_merge_size
-        self._rope = _RopeIndexer(self.spatial_merge_size)
+        self._rope = Qwen3VLRopeIndex(self.spatial_merge_size)
 
         self.substitution_ids: Optional[torch.Tensor] = None
         if self.noise_mode is not NoiseMode.MASK:
@@ -572,8 +284,8 @@ class BardVLCollator:
                 value = json.loads(cfg.read_text()).get("mask_token_id")
                 if value is not None:
                     return int(value)
-        if len(self.tokenizer) > _QWEN3_VL_MASK_TOKEN_ID or getattr(self.tokenizer, "vocab_size", 0) > 151600:
-            return _QWEN3_VL_MASK_TOKEN_ID
+        if len(self.tokenizer) > QWEN3_VL_MASK_TOKEN_ID or getattr(self.tokenizer, "vocab_size", 0) > 151600:
+            return QWEN3_VL_MASK_TOKEN_ID
         raise ValueError(
             "could not determine the MASK token id: the tokenizer has no mask token; pass mask_token_id= "
             "(151671 for the Qwen3-VL vocabulary)"
@@ -602,14 +314,14 @@ class BardVLCollator:
         for i, msg in enumerate(messages):
             if not isinstance(msg, Mapping):
                 raise SampleSkipped(f"message {i} is not a dict")
-            if msg.get("role") not in _ROLES:
-                raise SampleSkipped(f"message {i} has role {msg.get('role')!r}; expected one of {_ROLES}")
+            if msg.get("role") not in ROLES:
+                raise SampleSkipped(f"message {i} has role {msg.get('role')!r}; expected one of {ROLES}")
             content = msg.get("content")
             if not isinstance(content, (str, list, tuple)):
                 raise SampleSkipped(f"message {i} content must be a string or a list, got {type(content).__name__}")
             if not isinstance(content, str):
                 for item in content:
-                    _item_kind(item)
+                    item_kind(item)
         return list(messages)
 
     def _response_text(self, message: Mapping[str, Any], turn: int) -> str:
@@ -619,7 +331,7 @@ class BardVLCollator:
         else:
             parts = []
             for item in content:
-                kind = _item_kind(item)
+                kind = item_kind(item)
                 if kind != "text":
                     raise SampleSkipped(f"assistant turn {turn} contains a {kind}; only text responses are trained")
                 parts.append(str(item.get("text") or ""))
@@ -639,7 +351,7 @@ class BardVLCollator:
                 continue
             items = []
             for item in content:
-                kind = _item_kind(item)
+                kind = item_kind(item)
                 if kind == "image":
                     images.append(load_image_item(item, self.image_root, self._media_factor))
                     items.append({"type": "image"})
@@ -750,7 +462,7 @@ class BardVLCollator:
             targets.append(clean[noisy_offsets])
             weights.append(w)
             block_pad.append(is_pad[noisy_offsets])
-        pixels = {k: prompt[k] for k in _PIXEL_KEYS if prompt.get(k) is not None}
+        pixels = {k: prompt[k] for k in PIXEL_KEYS if prompt.get(k) is not None}
         return _Prepared(
             index=index,
             turn=turn,
@@ -869,7 +581,7 @@ class BardVLCollator:
 
         positions, targets, weights, owner, block_pad = [], [], [], [], []
         normalizer, levels, level_owner, indices = [], [], [], []
-        pixels: dict[str, list[torch.Tensor]] = {k: [] for k in _PIXEL_KEYS}
+        pixels: dict[str, list[torch.Tensor]] = {k: [] for k in PIXEL_KEYS}
         corrupted = noisy_total = truncated = 0
         n = 0
         for r, row in enumerate(rows):

@@ -37,18 +37,11 @@ from typing import Any, Callable, Mapping
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .inputs import media_inputs
+from .defaults import DEFAULT_DECODING, DEFAULT_MAX_NEW_TOKENS, DEFAULT_REVISION
+from .inputs import MEDIA_KEYS, media_inputs
 from .unmasking import UnmaskingRule, propose_tokens, select_commits, transfer_schedule
 
-_MODEL_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "pixel_values",
-    "pixel_values_videos",
-    "image_grid_thw",
-    "video_grid_thw",
-    "mm_token_type_ids",
-)
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", *MEDIA_KEYS)
 _IGNORED_INPUT_KEYS = ("token_type_ids", "second_per_grid_ts", "video_metadata")
 
 #: ``f(block_index, tokens [batch, B], finished [batch])``, called after every block.
@@ -74,8 +67,8 @@ class DecodingOptions:
     fused_prefill: bool = True
     revise: bool = False
     eos_exit: bool = True
-    revision_threshold: float = 0.9
-    max_revision_steps: int = 2
+    revision_threshold: float = DEFAULT_REVISION["revision_threshold"]
+    max_revision_steps: int = DEFAULT_REVISION["max_revision_steps"]
     rule: UnmaskingRule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,8 +120,6 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
         ValueError: naming the offending option (mask id missing or outside the vocabulary, no
             EOS id, non-positive sizes, ``top_p`` outside (0, 1], unknown rule, ...).
     """
-    from nemo_automodel_bard.models.bard_vl.configuration_bard_vl import DEFAULT_DECODING
-
     config = model.config
     gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
 
@@ -159,7 +150,7 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
     pad = _first(given.get("pad_token_id"), from_gen("pad_token_id"), eos_ids[0])
     steps_default = block_size if isinstance(block_size, int) else None
     return DecodingOptions(
-        max_new_tokens=_first(given.get("max_new_tokens"), from_gen("max_new_tokens"), 256),
+        max_new_tokens=_first(given.get("max_new_tokens"), from_gen("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS),
         block_size=block_size,
         denoising_steps=_first(given.get("denoising_steps"), from_gen("denoising_steps"), steps_default),
         temperature=_first(given.get("temperature"), from_gen("temperature") if sampling else 0.0, 0.0),
@@ -178,8 +169,8 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
         fused_prefill=bool(_first(given.get("fused_prefill"), True)),
         revise=bool(_first(given.get("revise"), False)),
         eos_exit=bool(_first(given.get("eos_exit"), True)),
-        revision_threshold=_first(given.get("revision_threshold"), 0.9),
-        max_revision_steps=_first(given.get("max_revision_steps"), 2),
+        revision_threshold=_first(given.get("revision_threshold"), DEFAULT_REVISION["revision_threshold"]),
+        max_revision_steps=_first(given.get("max_revision_steps"), DEFAULT_REVISION["max_revision_steps"]),
     )
 
 

@@ -1,4 +1,7 @@
-"""The processor outputs a prefill forward passes on besides ids, mask and positions."""
+"""The model inputs that carry media: the processor outputs a forward passes on besides ids, mask and positions.
+
+:data:`MEDIA_KEYS` is the one list of them; the collators, the training objectives and the decoders read it.
+"""
 
 from __future__ import annotations
 

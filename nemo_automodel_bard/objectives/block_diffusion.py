@@ -21,13 +21,14 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from nemo_automodel_bard.diffusion.losses import certainty_entropy, diffusion_ce_loss, reduce_token_losses
+from nemo_automodel_bard.decoding.inputs import MEDIA_KEYS
 from nemo_automodel_bard.diffusion.masks import TokenType, dense_attention_mask, flex_block_mask
 
 __all__ = ["ATTENTION_MODES", "build_training_mask", "diffusion_training_loss"]
 
 #: accepted values of ``attention``
 ATTENTION_MODES = ("auto", "dense", "flex")
-_MODEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+_MODEL_INPUTS = MEDIA_KEYS
 _REQUIRED = (
     "input_ids",
     "position_ids",

@@ -25,6 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+
 #: the main job's targets over seeds (threshold 0.9, every forward counted)
 AR_MEAN_TARGET, AR_SPREAD_TARGET = 0.95, 0.03
 DIFFUSION_TARGETS = {32: 10.0, 16: 6.5}  # block size -> minimum tokens per forward
@@ -168,7 +170,7 @@ def paired_comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_aggregate_targets(table: list[dict[str, Any]], seconds: list[float],
-                            threshold: float = 0.9) -> list[tuple[str, str, bool]]:
+                            threshold: float = DEFAULT_THRESHOLD) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for the main job over seeds."""
     targets: list[tuple[str, str, bool]] = []
     if seconds:

@@ -15,6 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+
 
 @dataclass
 class EvalRecord:
@@ -47,7 +49,8 @@ def _answer_text(message: dict[str, Any]) -> str:
 def _check_eval_record(record: Any) -> str | None:
     """Why a held-out record cannot be evaluated (structure, texts, an answer, readable images), or ``None``."""
     from nemo_automodel_bard.data.chat_dataset import validate_record
-    from nemo_automodel_bard.data.collator import SampleSkipped, load_image
+    from nemo_automodel_bard.data.media import load_image
+    from nemo_automodel_bard.data.records import SampleSkipped
 
     if isinstance(record, dict) and record.get("error"):
         return str(record["error"])
@@ -202,7 +205,7 @@ def _batches(records: Sequence[EvalRecord], size: int) -> Iterable[Sequence[Eval
 
 
 def _encode(processor: Any, records: Sequence[EvalRecord]) -> Any:
-    from nemo_automodel_bard.data.collator import load_image
+    from nemo_automodel_bard.data.media import load_image
 
     texts, images = [], []
     for record in records:
@@ -223,7 +226,7 @@ def evaluate_model(
     order: str = "reading",
     mode: str = "diffusion",
     block_size: int | None = None,
-    threshold: float = 0.9,
+    threshold: float = DEFAULT_THRESHOLD,
     remasking_strategy: str = "low_confidence_dynamic",
     denoising_steps: int | None = None,
     batch_size: int = 25,

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+
 TARGETS_TEXT = {
     "ar_accuracy": "AR model held-out accuracy >= 95%",
     "b32": "B=32 within 1 point of AR at threshold 0.9 with >= 10 tokens/forward",
@@ -206,7 +208,7 @@ def write_report(ctx: Any) -> dict[str, Any]:
     out_dir = ctx.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     thresholds = list(ctx.cfg["evaluate"]["thresholds"])
-    default_threshold = thresholds[0] if thresholds else 0.9
+    default_threshold = thresholds[0] if thresholds else DEFAULT_THRESHOLD
     table = _table(results)
     # the targets are the embedded task's: they mean nothing for a user's own data
     embedded = ctx.cfg["data"].get("kind", "shapes") == "shapes"

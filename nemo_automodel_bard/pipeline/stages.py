@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+
 from .environment import (
     EVALUATION_CODE,
     STREAM_STRIDE,
@@ -537,7 +539,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                 result = evaluate_model(
                     model_dir, records, data_kind=ctx.cfg["data"]["kind"], mode="ar" if block is None else "diffusion",
                     order=str(ctx.cfg["data"].get("order", "reading")),
-                    block_size=block, threshold=threshold if threshold is not None else 0.9,
+                    block_size=block, threshold=threshold if threshold is not None else DEFAULT_THRESHOLD,
                     remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
                     batch_size=int(section["batch_size"]), max_new_tokens=int(section["max_new_tokens"]),
                     record_trajectory_of=int(ctx.cfg["report"]["trajectory_index"]) if wants_trajectory else None,

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+
 from .evaluate import evaluate_model, records_from_chat
 
 #: which decoded answers become training records
@@ -48,7 +50,7 @@ def write_trajectories(
     data_kind: str = "shapes",
     order: str = "reading",
     block_size: int | None = None,
-    threshold: float = 0.9,
+    threshold: float = DEFAULT_THRESHOLD,
     batch_size: int = 25,
     max_new_tokens: int = 64,
     keep: str = "matching",

@@ -36,7 +36,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from nemo_automodel_bard.data.ar_collator import ARChatCollator, append_tail_tokens
-from nemo_automodel_bard.data.collator import BardVLCollator, qwen3_vl_rope_index
+from nemo_automodel_bard.data.collator import BardVLCollator
+from nemo_automodel_bard.data.rope import qwen3_vl_rope_index
 from nemo_automodel_bard.diffusion.masks import TokenType
 
 logger = logging.getLogger(__name__)

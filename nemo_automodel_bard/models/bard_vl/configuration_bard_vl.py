@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nemo_automodel_bard.decoding.defaults import DEFAULT_DECODING  # the decoder owns its defaults
+
 from transformers.models.qwen3_vl.configuration_qwen3_vl import (
     Qwen3VLConfig,
     Qwen3VLTextConfig,
@@ -21,14 +23,6 @@ QWEN3_VL_MASK_TOKEN_ID = 151671
 #: ``<|im_end|>`` in the Qwen3-VL vocabulary: EOS and the block-padding token.
 QWEN3_VL_EOS_TOKEN_ID = 151645
 
-#: The published ``generate`` defaults: what a checkpoint decodes with when neither the caller, a Bard
-#: generation config nor ``config.json`` says otherwise (greedy unless sampling is asked for).
-DEFAULT_DECODING = {
-    "block_size": 4,
-    "denoising_steps": 4,
-    "remasking_strategy": "low_confidence_dynamic",
-    "confidence_threshold": 0.9,
-}
 # Sampling settings use GenerationConfig's own fields: greedy (do_sample=False) unless set there.
 
 # The vision tower keeps Qwen3-VL's own config class (transformers builds it with AutoModel).

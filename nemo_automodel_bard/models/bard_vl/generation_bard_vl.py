@@ -359,7 +359,7 @@ def bard_generation_config(config: Any, **overrides: Any) -> Any:
     """A ``GenerationConfig`` holding Bard decoding defaults (block size = the trained one)."""
     from transformers import GenerationConfig
 
-    from .configuration_bard_vl import DEFAULT_DECODING
+    from nemo_automodel_bard.decoding.defaults import DEFAULT_DECODING, DEFAULT_MAX_NEW_TOKENS
 
     values = dict(DEFAULT_DECODING)
     values["block_size"] = config.block_size
@@ -368,7 +368,7 @@ def bard_generation_config(config: Any, **overrides: Any) -> Any:
     gen = GenerationConfig(
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
-        max_new_tokens=256,
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
         do_sample=False,
     )
     for key, value in values.items():

@@ -410,11 +410,12 @@ class BardVLForConditionalGeneration(NeMoQwen3VLForConditionalGeneration):
 
         ``model.generate(batch, max_new_tokens=1024, block_size=16, denoising_steps=16,
         temperature=0.0, top_k=0, top_p=1.0, remasking_strategy="low_confidence_dynamic",
-        confidence_threshold=0.5, return_step_stats=False)`` where ``batch`` is the processor's
-        output; ``model.generate(**batch, generation_config=..., do_sample=..., streamer=...,
+        confidence_threshold=0.9, return_step_stats=False)`` (the published argument order; every argument
+        optional) where ``batch`` is the processor's output; ``model.generate(**batch, generation_config=..., do_sample=..., streamer=...,
         return_dict_in_generate=True)`` works too. Omitted arguments come from the generation config
         (a Bard one, or only its non-sampling fields), then ``config.json``, then the published
-        defaults (block 4, 4 steps, threshold 0.9, greedy). Returns the generated ids
+        defaults (:data:`nemo_automodel_bard.decoding.defaults.DEFAULT_DECODING`: block 4, 4 steps, threshold
+        0.9, greedy). Returns the generated ids
         ``[batch, new_tokens]`` (EOS-trimmed, right-padded with the EOS/pad id), ``(ids, stats)`` with
         ``return_step_stats=True``, or a :class:`~.generation_bard_vl.BardVLGenerateOutput` with
         ``return_dict_in_generate=True``. Beam search, several sequences per prompt and logits
