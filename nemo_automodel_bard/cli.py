@@ -1,4 +1,4 @@
-"""``bard-vl`` command line.
+"""``bard-vl``: the Bard-VL pipeline and tools.
 
 * ``bard-vl tiny OUT_DIR [--seed N] [--block-size B]`` — write a tiny random Bard-VL directory.
 * ``bard-vl demo OUT_DIR`` — write one and run the model-card code on it (image and video).
@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         return _serve(argv[1:])
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print(__doc__)
+        from nemo_automodel_bard.pipeline.help import pipeline_help
+
+        print(__doc__.strip() + "\n")
+        try:
+            print(pipeline_help())
+        except FileNotFoundError as exc:  # pragma: no cover - an installation without its config tree
+            print(f"(pipeline: {exc})")
         return 0
     try:
         from nemo_automodel_bard.pipeline.app import main as pipeline_main

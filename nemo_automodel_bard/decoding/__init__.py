@@ -8,13 +8,36 @@
 See ``docs/decoding.md``.
 """
 
-from .autoregressive import ar_generate
-from .engine import BlockCallback, DecodingOptions, DecodingResult, block_diffusion_generate, resolve_options
-from .trajectory import render_trajectory
-from .unmasking import RULES, UnmaskingRule, filter_logits, propose_tokens, select_commits, transfer_schedule
+import importlib
+
+#: public name -> submodule; imported on first use, so that ``decoding.defaults`` / ``decoding.inputs`` stay light
+_EXPORTS = {
+    "ar_generate": "autoregressive",
+    "BlockCallback": "engine",
+    "DecodingOptions": "engine",
+    "DecodingResult": "engine",
+    "block_diffusion_generate": "engine",
+    "resolve_options": "engine",
+    "render_trajectory": "trajectory",
+    "RULES": "unmasking",
+    "UnmaskingRule": "unmasking",
+    "filter_logits": "unmasking",
+    "propose_tokens": "unmasking",
+    "select_commits": "unmasking",
+    "transfer_schedule": "unmasking",
+    "DEFAULT_DECODING": "defaults",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BlockCallback",
+    "DEFAULT_DECODING",
     "DecodingOptions",
     "DecodingResult",
     "RULES",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,23 +16,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .environment import environment, pin_threads
+from .environment import config_dir, environment, pin_threads, resource_root
 from .manifest import Manifest
 from .stages import STAGE_ORDER, STAGES, Context
 from .validate import PipelineConfigError, validate_config
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-REPO_ROOT = PACKAGE_DIR.parent
-
-
-def config_dir() -> Path:
-    """The Hydra config tree: ``$BARD_VL_CONF``, else ``conf/`` beside the package (or inside it)."""
-    for candidate in (os.environ.get("BARD_VL_CONF"), REPO_ROOT / "conf", PACKAGE_DIR / "conf"):
-        if candidate and (Path(candidate) / "config.yaml").exists():
-            return Path(candidate)
-    raise FileNotFoundError("bard-vl: cannot find the conf/ directory; set BARD_VL_CONF")
+#: relative ``model.recipe_dir`` paths resolve here (the checkout, or the wheel's copy of ``recipes/``)
+REPO_ROOT = resource_root()
 
 
 def run_pipeline(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) -> dict[str, Any]:

@@ -25,6 +25,25 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: inside an installed wheel: the copies of the repository's ``conf/`` and ``recipes/``
+WHEEL_RESOURCES = PACKAGE_DIR / "_resources"
+
+
+def resource_root() -> Path:
+    """The directory holding ``conf/`` (the pipeline's config tree) and ``recipes/`` (the recipe YAMLs): the
+    source checkout the package lives in, else the copies an installed wheel carries."""
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "conf" / "config.yaml").is_file() and (checkout / "recipes").is_dir():
+        return checkout
+    return WHEEL_RESOURCES
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: ``$BARD_VL_CONF``, else ``conf/`` of :func:`resource_root`."""
+    for candidate in (os.environ.get("BARD_VL_CONF"), resource_root() / "conf"):
+        if candidate and (Path(candidate) / "config.yaml").exists():
+            return Path(candidate)
+    raise FileNotFoundError(f"bard-vl: cannot find the conf/ directory (looked in {resource_root()}); set BARD_VL_CONF")
 
 #: the parts of the package that produce a trained stage (data, objectives, model, recipes)
 TRAINING_CODE = ("__init__.py", "_alias.py", "models", "diffusion", "objectives", "data", "fixtures", "recipes")
@@ -147,6 +166,8 @@ def environment() -> dict[str, Any]:
 __all__ = [
     "EVALUATION_CODE",
     "TRAINING_CODE",
+    "config_dir",
+    "resource_root",
     "code_digest",
     "derive_seed",
     "environment",

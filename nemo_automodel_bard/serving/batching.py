@@ -485,10 +485,12 @@ class ContinuousBatcher:
                         gone = {id(m) for m in ended}
                         for member in ended:
                             member.request.stats = _member_stats(member, cohort)
-                            _complete(member.request)
                         cohort.retire([i for i, m in enumerate(cohort.members) if id(m) not in gone])
                     if not cohort.members:
                         del self.cohorts[key]
+                    # completed only now: a client that sees its request done sees the batcher without it
+                    for member in ended or ():
+                        _complete(member.request)
             # shutting down: nothing more will run
             with self.lock:
                 pending = list(self.waiting) + [m.request for c in self.cohorts.values() for m in c.members]
