@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from nemo_automodel_bard.diffusion import (
-    CosineSchedule,
     diffusion_ce_loss,
-    diffusion_loss_weights,
     teacher_topk,
     topk_kd_loss,
 )
@@ -95,22 +93,6 @@ def test_gradients_and_empty_batch():
         loss = diffusion_ce_loss(empty, e_t, torch.zeros(0), e_t, torch.ones(3), reduction=red)
         assert float(loss.detach()) == 0.0
         loss.backward()
-
-
-def test_diffusion_loss_weights():
-    s = torch.tensor([0.1, 0.5, 0.5, 1.0])
-    pad = torch.tensor([False, False, True, True])
-    torch.testing.assert_close(diffusion_loss_weights(s), 1 / s)
-    torch.testing.assert_close(diffusion_loss_weights(s, pad), torch.tensor([10.0, 2.0, 1.0, 0.5]))
-    torch.testing.assert_close(diffusion_loss_weights(s, pad, pad_weight=1.0), 1 / s)
-    cos = CosineSchedule()
-    torch.testing.assert_close(diffusion_loss_weights(s, schedule=cos), cos.loss_weight(s))
-
-
-def test_padding_weight_matches_published_doubling_of_t():
-    # published code halves the pad weight by doubling t: 1/(2t) == 0.5 * (1/t)
-    s = torch.tensor([0.2, 0.7])
-    torch.testing.assert_close(diffusion_loss_weights(s, torch.tensor([True, True])), 1 / (2 * s))
 
 
 # -------------------------------------------------------------------------------------- KD

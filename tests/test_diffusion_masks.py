@@ -236,7 +236,7 @@ def test_block_mask_sparsity_matches_dense(tile):
     for legacy in (False, True):
         tt, bid, doc = _random_rows(rng, 2, max_samples=4)
         vis = visibility(tt, bid, doc, legacy_clean_sees_noisy=legacy)
-        bm = flex_block_mask(tt, bid, doc, legacy_clean_sees_noisy=legacy, device="cpu", block_size_tokens=tile)
+        bm = flex_block_mask(tt, bid, doc, legacy_clean_sees_noisy=legacy, device="cpu", tile_size=tile)
         L = tt.shape[1]
         assert tuple(bm.shape) == (2, 1, L, L)
         assert torch.equal(bm.to_dense()[:, 0].bool(), _tile_any(vis, tile))
@@ -253,7 +253,7 @@ def test_flex_attention_matches_sdpa_with_dense_mask():
         L = tt.shape[1]
         q, k, v = (torch.randn(2, 2, L, 8, generator=gen) for _ in range(3))
         bm = flex_block_mask(
-            tt, bid, doc, legacy_clean_sees_noisy=legacy, num_heads=heads, device="cpu", block_size_tokens=tile
+            tt, bid, doc, legacy_clean_sees_noisy=legacy, num_heads=heads, device="cpu", tile_size=tile
         )
         out_flex = flex_attention(q, k, v, block_mask=bm)
         dense = dense_attention_mask(tt, bid, doc, legacy_clean_sees_noisy=legacy)

@@ -148,11 +148,11 @@ TEXT_ONLY = [
 def test_a_dummy_image_keeps_text_only_batches_exact(tiny_model_dir, tiny_processor):
     from nemo_automodel_bard import BardVLForConditionalGeneration
     from nemo_automodel_bard.objectives.block_diffusion import diffusion_training_loss
-    from nemo_automodel_bard.recipes.collate import BardCollate
+    from nemo_automodel_bard.recipes.collate import NemoDiffusionCollate
 
     model = BardVLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    plain = BardCollate(tiny_processor, block_size=4, ensure_image=False)(TEXT_ONLY)
-    padded = BardCollate(tiny_processor, block_size=4, ensure_video=True)(TEXT_ONLY)
+    plain = NemoDiffusionCollate(tiny_processor, block_size=4, ensure_image=False)(TEXT_ONLY)
+    padded = NemoDiffusionCollate(tiny_processor, block_size=4, ensure_video=True)(TEXT_ONLY)
     assert "pixel_values" not in plain
     assert padded["num_dummy_media"] == 2 and "pixel_values" in padded and "pixel_values_videos" in padded
     assert torch.equal(plain["input_ids"].flatten()[plain["loss_positions"]], padded["input_ids"].flatten()[padded["loss_positions"]])
@@ -172,7 +172,7 @@ def test_a_dummy_image_keeps_text_only_batches_exact(tiny_model_dir, tiny_proces
     assert vision and all(float(g.abs().max()) == 0.0 for g in vision)  # the vision tower ran, gradient 0
 
     # every sample skipped: one row holding only the dummy image; a zero loss that still backpropagates
-    empty = BardCollate(tiny_processor, block_size=4)([{"index": 5, "error": "line 6: invalid JSON"}])
+    empty = NemoDiffusionCollate(tiny_processor, block_size=4)([{"index": 5, "error": "line 6: invalid JSON"}])
     assert empty["num_samples"] == 0 and empty["input_ids"].shape[0] == 1 and "pixel_values" in empty
     loss, _ = diffusion_training_loss(model, empty)
     loss.backward()
@@ -183,7 +183,7 @@ def test_ar_collator_dummy_image_does_not_change_the_loss(tiny_processor):
     import torch.nn.functional as F
 
     from nemo_automodel_bard.data.ar_collator import MODEL_INPUTS
-    from nemo_automodel_bard.recipes.collate import ARCollate
+    from nemo_automodel_bard.recipes.collate import NemoARCollate
     from nemo_automodel_bard.recipes.model_builder import build_qwen3_vl_ar
 
     model = build_qwen3_vl_ar(tiny={}).eval()
@@ -192,8 +192,8 @@ def test_ar_collator_dummy_image_does_not_change_the_loss(tiny_processor):
         logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
 
-    plain = ARCollate(tiny_processor, ensure_image=False)(TEXT_ONLY)
-    padded = ARCollate(tiny_processor)(TEXT_ONLY)
+    plain = NemoARCollate(tiny_processor, ensure_image=False)(TEXT_ONLY)
+    padded = NemoARCollate(tiny_processor)(TEXT_ONLY)
     assert "pixel_values" in padded and padded["input_ids"].shape[1] > plain["input_ids"].shape[1]
     assert int((plain["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
     with torch.no_grad():

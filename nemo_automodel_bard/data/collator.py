@@ -47,7 +47,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from nemo_automodel_bard.diffusion.masks import PAD_DOC_ID, TokenType, sample_layout
+from nemo_automodel_bard.diffusion.masks import pack_layouts, sample_layout
 from nemo_automodel_bard.diffusion.noise import (
     NoiseMode,
     corrupt_response,
@@ -574,9 +574,9 @@ class BardVLCollator:
         L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((b, L), self.pad_token_id, dtype=torch.int64)
         position_ids = torch.zeros((3, b, L), dtype=torch.int64)
-        token_type = torch.full((b, L), int(TokenType.PAD), dtype=torch.int64)
-        block_ids = torch.zeros((b, L), dtype=torch.int64)
-        doc_ids = torch.full((b, L), PAD_DOC_ID, dtype=torch.int64)
+        token_type = torch.empty((b, L), dtype=torch.int64)
+        block_ids = torch.empty((b, L), dtype=torch.int64)
+        doc_ids = torch.empty((b, L), dtype=torch.int64)
         mm_token_type_ids = torch.zeros((b, L), dtype=torch.int64)
 
         positions, targets, weights, owner, block_pad = [], [], [], [], []
@@ -585,14 +585,13 @@ class BardVLCollator:
         corrupted = noisy_total = truncated = 0
         n = 0
         for r, row in enumerate(rows):
+            # the row's layout: its samples one after another (doc ids 0, 1, ...), then row padding
+            token_type[r], block_ids[r], doc_ids[r] = pack_layouts([(p.token_type, p.block_ids) for p in row], L)
             offset = 0
-            for doc, p in enumerate(row):
+            for p in row:
                 span = slice(offset, offset + p.length)
                 input_ids[r, span] = p.input_ids
                 position_ids[:, r, span] = p.position_ids
-                token_type[r, span] = p.token_type
-                block_ids[r, span] = p.block_ids
-                doc_ids[r, span] = doc
                 mm_token_type_ids[r, span] = p.mm_token_type_ids
                 positions.append(r * L + offset + p.loss_offsets)
                 targets.append(p.loss_targets)

@@ -37,6 +37,14 @@ from typing import Any, Callable, Mapping
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from nemo_automodel_bard.diffusion.masks import (
+    PAD_DOC_ID,
+    TokenType,
+    prompt_block_ids,
+    response_block_ids,
+    visibility,
+)
+
 from .defaults import DEFAULT_DECODING, DEFAULT_MAX_NEW_TOKENS, DEFAULT_REVISION
 from .inputs import MEDIA_KEYS, media_inputs
 from .unmasking import UnmaskingRule, propose_tokens, select_commits, transfer_schedule
@@ -238,18 +246,20 @@ class _MaskBuilder:
         return create_block_mask(mask_mod, self.batch, None, visible.shape[1], visible.shape[2], device=str(self.device))
 
     def prefill(self, valid: torch.Tensor, prompt_block: torch.Tensor, block: int = 0) -> Any:
-        """Block-causal prompt mask: valid keys of the same or an earlier prompt block; with ``block > 0``
-        the queries ``[prompt | noisy block]`` of a fused prefill, where the noisy block sees every valid
-        prompt key and itself and no prompt query sees it (the denoising step's own mask).
-
-        Padding queries see themselves (their outputs are never used; this keeps SDPA NaN-free).
+        """The training rule (:func:`~nemo_automodel_bard.diffusion.masks.visibility`) on the row ``[prompt]``,
+        or with ``block > 0`` ``[prompt | noisy block]`` (a fused prefill): prompt queries see valid keys of
+        the same or an earlier prompt block, the noisy block sees every valid prompt key and itself, no prompt
+        query sees it. Left padding is row padding (a document of its own that only sees itself).
         """
-        prompt = valid.shape[1]
-        visible = torch.zeros(self.batch, prompt + block, prompt + block, dtype=torch.bool, device=valid.device)
-        visible[:, :prompt, :prompt] = valid[:, None, :] & (prompt_block[:, None, :] <= prompt_block[:, :, None])
-        visible[:, prompt:, :prompt] = valid[:, None, :]
-        visible[:, prompt:, prompt:] = True
-        visible |= torch.eye(prompt + block, dtype=torch.bool, device=valid.device)[None]
+        token_type = torch.where(valid, int(TokenType.PROMPT), int(TokenType.PAD))
+        doc_ids = torch.where(valid, 0, PAD_DOC_ID)
+        if block:
+            # the noisy block's id is the first response block; only its equality with itself matters here
+            first = response_block_ids(valid.sum(-1, keepdim=True), torch.zeros_like(prompt_block[:, :1]), block)
+            token_type = torch.cat([token_type, token_type.new_full((self.batch, block), int(TokenType.NOISY))], dim=1)
+            prompt_block = torch.cat([prompt_block, first.expand(self.batch, block)], dim=1)
+            doc_ids = torch.cat([doc_ids, doc_ids.new_zeros((self.batch, block))], dim=1)
+        visible = visibility(token_type, prompt_block, doc_ids)
         if self.flex:
             return self._flex(visible)
         additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
@@ -350,7 +360,7 @@ class _BlockDecoder:
         self.response_start = prompt_pos.masked_fill(~self.valid[None], -1).amax(dim=(0, 2)) + 1  # [batch]
         offsets = torch.arange(self.num_blocks * B, device=self.device)
         self.response_positions = self.response_start[:, None] + offsets  # [batch, capacity]
-        prompt_block = (self.valid.long().cumsum(-1) - 1).clamp_min(0) // B
+        prompt_block = prompt_block_ids(self.valid, B)
         if self.opts.fused_prefill:
             self._prompt = (prompt_pos, prompt_block)
             return

@@ -3,7 +3,6 @@
 from .losses import (
     REDUCTIONS,
     diffusion_ce_loss,
-    diffusion_loss_weights,
     reduce_token_losses,
     teacher_topk,
     topk_kd_loss,
@@ -15,7 +14,9 @@ from .masks import (
     flex_block_mask,
     mask_mod_fn,
     pack_layouts,
+    prompt_block_ids,
     reblock,
+    response_block_ids,
     sample_layout,
     visibility,
 )
@@ -42,6 +43,8 @@ __all__ = [
     "PAD_DOC_ID",
     "sample_layout",
     "pack_layouts",
+    "prompt_block_ids",
+    "response_block_ids",
     "mask_mod_fn",
     "visibility",
     "dense_attention_mask",
@@ -63,7 +66,6 @@ __all__ = [
     # losses
     "REDUCTIONS",
     "reduce_token_losses",
-    "diffusion_loss_weights",
     "diffusion_ce_loss",
     "teacher_topk",
     "topk_kd_loss",

@@ -27,12 +27,12 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .noise import LinearSchedule, NoiseSchedule
 
 __all__ = [
+    "KD_DIRECTIONS",
     "REDUCTIONS",
+    "kd_direction",
     "reduce_token_losses",
-    "diffusion_loss_weights",
     "diffusion_ce_loss",
     "certainty_entropy",
     "teacher_topk",
@@ -43,26 +43,18 @@ REDUCTIONS = ("sample_mean", "token_mean", "mean", "sum", "none")
 Number = Union[int, float, torch.Tensor]
 
 
-def diffusion_loss_weights(
-    times: torch.Tensor,
-    is_padding: Optional[torch.Tensor] = None,
-    *,
-    schedule: Optional[NoiseSchedule] = None,
-    pad_weight: float = 0.5,
-) -> torch.Tensor:
-    """Per-position loss weights ``[M]`` (fp32).
+#: the directions of the top-k KD term
+KD_DIRECTIONS = ("forward", "reverse")
 
-    Args:
-        times: ``[M]`` diffusion time ``s`` of each loss position's block.
-        is_padding: ``[M]`` bool, True where the target is a block-padding token.
-        schedule: gives ``loss_weight(s)`` (default linear: ``1 / t``).
-        pad_weight: factor applied at padding targets (0.5 as published).
-    """
-    schedule = schedule if schedule is not None else LinearSchedule()
-    w = schedule.loss_weight(torch.as_tensor(times).to(torch.float32)).to(torch.float32)
-    if is_padding is not None:
-        w = torch.where(torch.as_tensor(is_padding, dtype=torch.bool, device=w.device), w * pad_weight, w)
-    return w
+
+def kd_direction(direction: str) -> str:
+    """``"forward"`` or ``"reverse"`` for a KD direction name (``forward-kl``/``fkl``, ``reverse-kl``/``rkl``
+    accepted); ``ValueError`` naming the value otherwise. The one check of the direction (loss, recipe, pipeline)."""
+    d = str(direction).strip().lower().replace("_", "-")
+    d = {"forward-kl": "forward", "fkl": "forward", "reverse-kl": "reverse", "rkl": "reverse"}.get(d, d)
+    if d not in KD_DIRECTIONS:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    return d
 
 
 def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +130,7 @@ def diffusion_ce_loss(
     Args:
         logits: ``[M, V]`` logits at the loss positions (any float dtype; computed in fp32).
         targets: ``[M]`` clean token ids.
-        weights: ``[M]`` per-position weight (see :func:`diffusion_loss_weights`; ones for plain CE).
+        weights: ``[M]`` per-position weight (the collator's ``loss_weights``: the block's ELBO weight, times ``pad_weight`` at block padding; ones for plain CE).
         sample_index: ``[M]`` which sample (``0 .. num_samples-1``) each position belongs to.
         normalizer: ``[num_samples]`` per-sample divisor (its number of noisy-region tokens).
         reduction: ``"sample_mean"`` -- per sample ``sum(w * CE) / normalizer[s]``, then the mean over
@@ -219,10 +211,7 @@ def topk_kd_loss(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    d = str(direction).strip().lower().replace("_", "-")
-    d = {"forward-kl": "forward", "fkl": "forward", "reverse-kl": "reverse", "rkl": "reverse"}.get(d, d)
-    if d not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    d = kd_direction(direction)
 
     inv_t = 1.0 / float(temperature)
     s = student_logits.float() * inv_t

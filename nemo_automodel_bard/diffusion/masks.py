@@ -8,7 +8,12 @@ Every token carries three integers:
 * ``token_type`` -- a :class:`TokenType` (prompt / clean / noisy / complement / row padding);
 * ``block_ids`` -- its diffusion block (prompt position ``p -> p // B``; response offset ``r`` of
   any copy ``-> ceil(P / B) + r // B``);
-* ``doc_ids`` -- which packed sample of the row it belongs to (row padding: ``-1``).
+* ``doc_ids`` -- which packed sample of the row it belongs to (row padding: :data:`PAD_DOC_ID`).
+
+The block arithmetic is :func:`prompt_block_ids` and :func:`response_block_ids`, a sample's layout
+:func:`sample_layout`, a packed row :func:`pack_layouts` (the collator's rows); the decoder builds its
+prefill mask with :func:`visibility` and its per-step masks are checked against it on every layout it builds
+(``tests/test_decoder_masks.py``).
 
 :func:`mask_mod_fn` is the *only* place where the visibility rule is written down. The dense
 additive mask (:func:`dense_attention_mask`, CPU / SDPA reference path), the boolean matrix
@@ -21,7 +26,6 @@ This module depends on torch and the standard library only.
 from __future__ import annotations
 
 import enum
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -30,6 +34,8 @@ __all__ = [
     "NOISY_TYPES",
     "TokenType",
     "PAD_DOC_ID",
+    "prompt_block_ids",
+    "response_block_ids",
     "sample_layout",
     "pack_layouts",
     "reblock",
@@ -39,7 +45,7 @@ __all__ = [
     "flex_block_mask",
 ]
 
-#: document id given to row padding by :func:`pack_layouts`
+#: document id of row padding (and of a decoder's left padding): seen by no other token
 PAD_DOC_ID = -1
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,6 +64,26 @@ class TokenType(enum.IntEnum):
 
 #: the token types that are corrupted response copies (queries that predict their clean tokens)
 NOISY_TYPES = (TokenType.NOISY, TokenType.NOISY_COMPLEMENT)
+
+
+def prompt_block_ids(valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block ids of prompt tokens: ``p // B`` for the token at position ``p`` among its row's real tokens.
+
+    ``valid``: bool ``[..., P]`` (False: padding, e.g. a decoder's left padding, which gets block 0). The one
+    place the prompt's block arithmetic is written; the training layout, the teacher's re-blocking and the
+    decoder all use it (or :func:`response_block_ids`).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return (valid.long().cumsum(-1) - 1).clamp_min(0) // block_size
+
+
+def response_block_ids(prompt_len: Union[torch.Tensor, int], offsets: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block ids of response tokens at ``offsets`` (of any copy) after a prompt of ``prompt_len`` tokens:
+    ``ceil(P / B) + r // B`` -- the response starts a new block after the (possibly partial) last prompt block."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return (prompt_len + block_size - 1) // block_size + offsets // block_size
 
 
 def sample_layout(
@@ -83,9 +109,8 @@ def sample_layout(
             f"response_len ({response_len}) must be a multiple of block_size ({block_size}); "
             "pad the response with the block-padding token first"
         )
-    num_prompt_blocks = math.ceil(prompt_len / block_size)
-    prompt_blocks = torch.arange(prompt_len, dtype=torch.int64) // block_size
-    response_blocks = num_prompt_blocks + torch.arange(response_len, dtype=torch.int64) // block_size
+    prompt_blocks = prompt_block_ids(torch.ones(prompt_len, dtype=torch.bool), block_size)
+    response_blocks = response_block_ids(prompt_len, torch.arange(response_len, dtype=torch.int64), block_size)
     copies = [TokenType.CLEAN, TokenType.NOISY] + ([TokenType.NOISY_COMPLEMENT] if complementary else [])
     block_ids = torch.cat([prompt_blocks] + [response_blocks] * len(copies))
     token_type = torch.cat(
@@ -123,11 +148,10 @@ def reblock(token_type: torch.Tensor, doc_ids: torch.Tensor, block_size: int) ->
     # every prompt token of a document precedes its response, so for a response token the
     # document's prompt length is the number of prompt tokens seen since the run started
     prompt_len = prompt_offset + is_prompt.long()
-    first_response_block = (prompt_len + block_size - 1) // block_size
     out = torch.where(is_prompt, prompt_offset // block_size, torch.zeros_like(token_type))
     for kind in (TokenType.CLEAN, *NOISY_TYPES):
         is_kind = token_type == int(kind)
-        out = torch.where(is_kind, first_response_block + offset_in_run(kind) // block_size, out)
+        out = torch.where(is_kind, response_block_ids(prompt_len, offset_in_run(kind), block_size), out)
     return out[0] if squeeze else out
 
 
@@ -280,14 +304,14 @@ def flex_block_mask(
     legacy_clean_sees_noisy: bool = False,
     num_heads: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
-    block_size_tokens: int = 128,
+    tile_size: int = 128,
 ):
     """Block-sparse FlexAttention ``BlockMask`` of shape ``[batch, num_heads or 1, L, L]``.
 
     Built with ``torch.nn.attention.flex_attention.create_block_mask`` from :func:`mask_mod_fn`
-    (works with ``device="cpu"`` too). ``L`` need not be a multiple of ``block_size_tokens``: the
-    per-token tensors are padded internally with PAD tokens so that indices of the last, partial tile
-    stay in range; the mask is created with the true length and padded positions are visible to no
+    (works with ``device="cpu"`` too). ``tile_size`` is FlexAttention's block-sparsity tile (its
+    ``BLOCK_SIZE``), not the diffusion block size. ``L`` need not be a multiple of it: the per-token tensors
+    are padded internally with PAD tokens so that indices of the last, partial tile stay in range; the mask is created with the true length and padded positions are visible to no
     real token, so results do not change.
     """
     from torch.nn.attention.flex_attention import create_block_mask
@@ -295,7 +319,7 @@ def flex_block_mask(
     tt, bid, doc = _as_batched(token_type, block_ids, doc_ids)
     device = torch.device(device) if device is not None else tt.device
     batch, length = tt.shape
-    padded = -(-max(length, 1) // block_size_tokens) * block_size_tokens
+    padded = -(-max(length, 1) // tile_size) * tile_size
     extra = padded - length
     if extra:
         tt = torch.cat([tt, tt.new_full((batch, extra), int(TokenType.PAD))], dim=1)
@@ -309,5 +333,5 @@ def flex_block_mask(
         Q_LEN=length,
         KV_LEN=length,
         device=device,
-        BLOCK_SIZE=block_size_tokens,
+        BLOCK_SIZE=tile_size,
     )

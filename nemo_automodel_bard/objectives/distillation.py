@@ -30,13 +30,25 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from nemo_automodel_bard.diffusion.losses import reduce_token_losses, teacher_topk, topk_kd_loss
+from nemo_automodel_bard.diffusion.losses import kd_direction, reduce_token_losses, teacher_topk, topk_kd_loss
 from nemo_automodel_bard.diffusion.masks import reblock
 
 from .block_diffusion import _MODEL_INPUTS, build_training_mask
 
-__all__ = ["anchor_topk", "check_same_tokenizer", "kd_loss_rows", "row_inputs", "swd_training_loss", "teacher_view"]
+__all__ = ["SWD_DEFAULTS", "anchor_topk", "check_same_tokenizer", "kd_loss_rows", "row_inputs", "swd_training_loss", "teacher_view"]
 
+
+#: The published SWD settings: the one place their defaults are written (the loss below, the recipe's ``bard.*``
+#: keys, the teacher cache and the pipeline's control runs read them).
+SWD_DEFAULTS = {
+    "teacher_block_size": 4,  # a B=4 anchor
+    "ce_weight": 1.0,
+    "kd_weight": 0.5,
+    "top_k": 16,
+    "direction": "forward",
+    "temperature": 1.0,
+    "kd_at_block_padding": False,  # ours; published: True (see the module docstring)
+}
 
 def teacher_view(batch: Mapping[str, Any], teacher_block_size: int) -> dict[str, Any]:
     """The same batch with block ids recomputed for the teacher's block size."""
@@ -106,14 +118,14 @@ def swd_training_loss(
     batch: Mapping[str, Any],
     *,
     teacher_block_size: int,
-    ce_weight: float = 1.0,
-    kd_weight: float = 0.5,
-    top_k: int = 16,
-    direction: str = "forward",
-    temperature: float = 1.0,
+    ce_weight: float = SWD_DEFAULTS["ce_weight"],
+    kd_weight: float = SWD_DEFAULTS["kd_weight"],
+    top_k: int = SWD_DEFAULTS["top_k"],
+    direction: str = SWD_DEFAULTS["direction"],
+    temperature: float = SWD_DEFAULTS["temperature"],
     attention: str = "auto",
     teacher_attention: str = "auto",
-    kd_at_block_padding: bool = False,
+    kd_at_block_padding: bool = SWD_DEFAULTS["kd_at_block_padding"],
     denominator: Optional[Union[int, float]] = None,
     teacher_topk_values: Optional[torch.Tensor] = None,
     teacher_topk_ids: Optional[torch.Tensor] = None,
@@ -134,8 +146,7 @@ def swd_training_loss(
     ``agreement`` (student argmax == teacher argmax), both over KD positions, ``num_loss_tokens``,
     ``num_kd_tokens``, ``num_samples``.
     """
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    direction = kd_direction(direction)
     device = next(student.parameters()).device
     positions = torch.as_tensor(batch["loss_positions"]).to(device).long()
     targets = torch.as_tensor(batch["loss_targets"]).to(device).long()

@@ -43,7 +43,7 @@ import torch
 
 from nemo_automodel_bard.diffusion.masks import TokenType
 
-from .distillation import anchor_topk, kd_loss_rows
+from .distillation import SWD_DEFAULTS, anchor_topk, kd_loss_rows
 
 __all__ = [
     "CACHE_FORMAT",
@@ -66,7 +66,7 @@ class TeacherCacheError(ValueError):
 
 def collator_fingerprint(collator: Any) -> dict[str, Any]:
     """The collator settings that decide a sample's corruption and loss positions."""
-    inner = getattr(collator, "collator", collator)  # BardCollate wraps a BardVLCollator
+    inner = getattr(collator, "collator", collator)  # NemoDiffusionCollate wraps a BardVLCollator
     if getattr(inner, "train_all_turns", False):
         raise TeacherCacheError("a teacher cache needs one training sample per record; train_all_turns is not supported")
     return {
@@ -146,9 +146,9 @@ def build_teacher_cache(
     *,
     split: str = "train",
     epochs: Union[int, Iterable[int]] = 1,
-    teacher_block_size: int = 4,
-    top_k: int = 16,
-    kd_at_block_padding: bool = False,
+    teacher_block_size: int = SWD_DEFAULTS["teacher_block_size"],
+    top_k: int = SWD_DEFAULTS["top_k"],
+    kd_at_block_padding: bool = SWD_DEFAULTS["kd_at_block_padding"],
     batch_size: int = 32,
     attention: str = "auto",
     extra_meta: Optional[Mapping[str, Any]] = None,
@@ -157,7 +157,7 @@ def build_teacher_cache(
     """Run ``teacher`` over ``dataset`` for ``epochs`` and write ``<split>_epoch_<e>.safetensors`` files.
 
     ``collator`` is the run's block-diffusion collator (a :class:`BardVLCollator` or the recipes'
-    ``BardCollate``); its ``set_epoch`` selects each epoch's noise. ``epochs``: a count (0..n-1) or
+    ``NemoDiffusionCollate``); its ``set_epoch`` selects each epoch's noise. ``epochs``: a count (0..n-1) or
     the epoch numbers. ``extra_meta`` is stored in ``meta.json`` (e.g. the teacher's path). Returns
     the cache directory. A directory built for other settings is refused, not overwritten.
     """

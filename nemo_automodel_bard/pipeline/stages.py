@@ -358,8 +358,11 @@ def _teacher_cache(ctx: Context, name: str, recipe: str, overrides: dict[str, An
     return outputs["cache_dir"]
 
 
-#: KD settings handed to the no-KD control runs (unused there: their KD weight is 0)
-_CONTROL_KD = {"top_k": 16, "direction": "forward", "temperature": 1.0}
+def _control_kd() -> dict[str, Any]:
+    """KD settings handed to the no-KD control runs (unused there: their KD weight is 0): the defaults."""
+    from nemo_automodel_bard.objectives.distillation import SWD_DEFAULTS
+
+    return {k: SWD_DEFAULTS[k] for k in ("top_k", "direction", "temperature")}
 
 
 def stage_swd(ctx: Context) -> dict[str, Any]:
@@ -398,7 +401,7 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
         for label, kd_weight in runs:
             # the control has no KD term: its run (and fingerprint) must not depend on the KD settings, so a
             # sweep over them trains it once
-            kd = section if kd_weight else _CONTROL_KD
+            kd = section if kd_weight else _control_kd()
             overrides = {
                 "model.pretrained_model_name_or_path": pbm[f"b{init_block}_dir"],
                 "teacher_model.pretrained_model_name_or_path": teacher_dir,

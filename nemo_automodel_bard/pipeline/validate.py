@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nemo_automodel_bard.diffusion.losses import kd_direction
+
 from .stages import STAGE_ORDER, pbm_steps
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -106,8 +108,10 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                     f"(pbm.block_sizes={blocks})")
         if not isinstance(swd.get("teacher_cache", False), bool):
             raise PipelineConfigError(f"swd.teacher_cache must be true or false, got {swd.get('teacher_cache')!r}")
-        if swd["direction"] not in ("forward", "reverse"):
-            raise PipelineConfigError(f"swd.direction must be 'forward' or 'reverse', got {swd['direction']!r}")
+        try:
+            kd_direction(swd["direction"])
+        except ValueError:
+            raise PipelineConfigError(f"swd.direction must be 'forward' or 'reverse', got {swd['direction']!r}") from None
 
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -38,13 +38,13 @@ import torch
 from nemo_automodel_bard.data.ar_collator import ARChatCollator, append_tail_tokens
 from nemo_automodel_bard.data.collator import BardVLCollator
 from nemo_automodel_bard.data.rope import qwen3_vl_rope_index
-from nemo_automodel_bard.diffusion.masks import TokenType
+from nemo_automodel_bard.diffusion.masks import PAD_DOC_ID, TokenType
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ARCollate",
-    "BardCollate",
+    "NemoARCollate",
+    "NemoDiffusionCollate",
     "DummyMedia",
     "ar_collate_fn",
     "bard_collate_fn",
@@ -156,7 +156,7 @@ def add_dummy_media_diffusion(batch: dict, parts: list[tuple], pad_token_id: int
     out["position_ids"] = _widen(out["position_ids"], D, 0)
     out["token_type"] = _widen(out["token_type"], D, int(TokenType.PAD))
     out["block_ids"] = _widen(out["block_ids"], D, 0)
-    out["doc_ids"] = _widen(out["doc_ids"], D, -1)
+    out["doc_ids"] = _widen(out["doc_ids"], D, PAD_DOC_ID)
     out["mm_token_type_ids"] = _widen(out["mm_token_type_ids"], D, 0)
     out["input_ids"][0, L:] = ids
     out["position_ids"][:, 0, L:] = pos
@@ -217,7 +217,7 @@ class _EpochAwareCollate:
                 f"ensure_video={self.ensure_video})")
 
 
-class BardCollate(_EpochAwareCollate):
+class NemoDiffusionCollate(_EpochAwareCollate):
     """Epoch-aware block-diffusion collator for NeMo: :class:`BardVLCollator` + dummy media.
 
     ``collator_kwargs`` are :class:`BardVLCollator` arguments (``block_size``, ``max_length``,
@@ -238,7 +238,7 @@ class BardCollate(_EpochAwareCollate):
         return add_dummy_media_diffusion(batch, parts, self.collator.pad_token_id)
 
 
-class ARCollate(_EpochAwareCollate):
+class NemoARCollate(_EpochAwareCollate):
     """Epoch-aware autoregressive collator for NeMo: :class:`~nemo_automodel_bard.data.ar_collator.ARChatCollator`
     + dummy media (appended after row 0's last token: causal attention keeps it invisible to real tokens)."""
 
@@ -276,15 +276,15 @@ def _cached(cls: type, processor: Any, kwargs: Mapping[str, Any]) -> Any:
 def bard_collate_fn(examples: Sequence[Mapping[str, Any]], processor: Any = None, **kwargs: Any) -> dict:
     """NeMo-style block-diffusion collate function: ``collate_fn(examples, processor=..., **kwargs)``.
 
-    ``kwargs`` are :class:`BardCollate` / :class:`BardVLCollator` arguments; the collator object is
+    ``kwargs`` are :class:`NemoDiffusionCollate` / :class:`BardVLCollator` arguments; the collator object is
     built once and reused.
     """
-    return _cached(BardCollate, processor, kwargs)(examples)
+    return _cached(NemoDiffusionCollate, processor, kwargs)(examples)
 
 
 def ar_collate_fn(examples: Sequence[Mapping[str, Any]], processor: Any = None, **kwargs: Any) -> dict:
-    """NeMo-style autoregressive collate function (see :class:`ARCollate`)."""
-    return _cached(ARCollate, processor, kwargs)(examples)
+    """NeMo-style autoregressive collate function (see :class:`NemoARCollate`)."""
+    return _cached(NemoARCollate, processor, kwargs)(examples)
 
 
 def resolve_collate(collate_fn: Any, **defaults: Any) -> Optional[Any]:
@@ -293,11 +293,11 @@ def resolve_collate(collate_fn: Any, **defaults: Any) -> Optional[Any]:
     ``defaults`` fill in collator arguments the YAML did not set (e.g. ``mask_token_id`` from the
     model config). Returns ``None`` for any other collate function.
     """
-    if isinstance(collate_fn, (BardCollate, ARCollate)):
+    if isinstance(collate_fn, (NemoDiffusionCollate, NemoARCollate)):
         return collate_fn
     if not isinstance(collate_fn, functools.partial):
         return None
-    cls = {bard_collate_fn: BardCollate, ar_collate_fn: ARCollate}.get(collate_fn.func)
+    cls = {bard_collate_fn: NemoDiffusionCollate, ar_collate_fn: NemoARCollate}.get(collate_fn.func)
     if cls is None:
         return None
     kwargs = dict(collate_fn.keywords)

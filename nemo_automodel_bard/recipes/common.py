@@ -46,7 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-import nemo_automodel_bard  # noqa: F401 - registers Bard-VL with transformers and NeMo
+import nemo_automodel_bard.models.bard_vl  # noqa: F401 - registers Bard-VL with transformers and NeMo
 from nemo_automodel.components.distributed.tp_replicas import synchronize_tp_replica_gradients
 from nemo_automodel.components.distributed.utils import get_sync_ctx
 from nemo_automodel.components.loggers.metric_logger import MetricsSample
@@ -375,12 +375,12 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         batch: dict,
         *,
         loss_buffer: list,
-        num_label_tokens: float,
+        denominator: float,
         num_batches: int,
         is_train: bool = True,
         stat_buffer: Optional[list] = None,
     ) -> None:
-        """One micro-batch: loss normalised by the global ``num_label_tokens`` count (for PBM: the
+        """One micro-batch: loss normalised by the global ``denominator`` count (for PBM: the
         number of samples in the optimizer step), backward scaled by the DP size (FSDP/DDP average
         gradients over ranks, so the sum over ranks is restored)."""
         batch = self._to_device(batch)
@@ -395,7 +395,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             else nullcontext()
         )
         with sync_ctx, self._autocast_context():
-            loss, sums = self._compute_loss(model, batch, float(num_label_tokens))
+            loss, sums = self._compute_loss(model, batch, float(denominator))
             loss_buffer.append(loss.detach().float().clone())
             if stat_buffer is not None:
                 stat_buffer.append(sums)
@@ -425,7 +425,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
                 i,
                 batch,
                 loss_buffer=loss_buffer,
-                num_label_tokens=max(denominator, 1.0),
+                denominator=max(denominator, 1.0),
                 num_batches=num_batches,
                 stat_buffer=stat_buffer,
             )
@@ -528,7 +528,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
                 loss_buffer: list[torch.Tensor] = []
                 stat_buffer: list[dict] = []
                 self._forward_backward_step(
-                    0, batch, loss_buffer=loss_buffer, num_label_tokens=1.0, num_batches=1, is_train=False,
+                    0, batch, loss_buffer=loss_buffer, denominator=1.0, num_batches=1, is_train=False,
                     stat_buffer=stat_buffer,
                 )  # fmt: skip
                 totals["loss"] += float(loss_buffer[-1])

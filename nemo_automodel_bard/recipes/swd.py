@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 import torch
 
+from nemo_automodel_bard.diffusion.losses import kd_direction
+from nemo_automodel_bard.objectives.distillation import SWD_DEFAULTS as OBJECTIVE_SWD_DEFAULTS
 from nemo_automodel_bard.objectives.distillation import check_same_tokenizer, swd_training_loss
 from nemo_automodel_bard.objectives.teacher_cache import (
     TeacherCacheError,
@@ -49,15 +51,12 @@ __all__ = ["BardVLSWDRecipe", "SWD_DEFAULTS", "load_teacher"]
 
 #: SWD settings: the published ones, except that KD skips block-padding targets by default (published:
 #: KD at every loss position, ``kd_at_block_padding: true``; see :mod:`nemo_automodel_bard.objectives.distillation`)
-SWD_DEFAULTS = {
-    "teacher_block_size": 4,
-    "ce_weight": 1.0,
-    "kd_weight": 0.5,
-    "kd_top_k": 16,
-    "kd_direction": "forward",
-    "kd_temperature": 1.0,
-    "kd_at_block_padding": False,
-}
+#: ``bard.*`` key of the recipe -> the objective's name for it
+_BARD_KEY_OF = {"teacher_block_size": "teacher_block_size", "ce_weight": "ce_weight", "kd_weight": "kd_weight",
+                "kd_top_k": "top_k", "kd_direction": "direction", "kd_temperature": "temperature",
+                "kd_at_block_padding": "kd_at_block_padding"}
+#: the recipe's ``bard.*`` SWD keys and their defaults (the objective's :data:`OBJECTIVE_SWD_DEFAULTS`)
+SWD_DEFAULTS = {key: OBJECTIVE_SWD_DEFAULTS[name] for key, name in _BARD_KEY_OF.items()}
 
 
 def _dataset_len(dataloader: Any) -> Optional[int]:
@@ -123,8 +122,10 @@ class BardVLSWDRecipe(BardVLPBMRecipe):
             raise RecipeConfigError(
                 f"the student's block size {student_block} must be a multiple of bard.teacher_block_size={teacher_block}"
             )
-        if self._swd("kd_direction") not in ("forward", "reverse"):
-            raise RecipeConfigError(f"bard.kd_direction must be 'forward' or 'reverse', got {self._swd('kd_direction')!r}")
+        try:
+            kd_direction(self._swd("kd_direction"))
+        except ValueError:
+            raise RecipeConfigError(f"bard.kd_direction must be 'forward' or 'reverse', got {self._swd('kd_direction')!r}") from None
         for key in ("ce_weight", "kd_weight", "kd_temperature"):
             value = self._swd(key)
             if not isinstance(value, (int, float)) or value < 0 or (key == "kd_temperature" and value == 0):

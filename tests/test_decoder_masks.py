@@ -1,0 +1,100 @@
+"""The decoder's attention masks are the training visibility rule: every mask the decoder builds (prefill, fused
+prefill, denoising step, fused commit step, separate commit) equals :func:`visibility` evaluated on the training
+row it stands for, on the dense and the FlexAttention path, with left padding and partial prompt blocks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nemo_automodel_bard.decoding.engine import _MaskBuilder
+from nemo_automodel_bard.diffusion.masks import (
+    PAD_DOC_ID,
+    TokenType,
+    prompt_block_ids,
+    response_block_ids,
+    sample_layout,
+    visibility,
+)
+
+B = 4
+PROMPT = 7
+REAL = torch.tensor([5, 7, 4])  # real prompt tokens per row (left padding before them)
+BLOCKS = 3  # response capacity in blocks
+
+
+def _valid() -> torch.Tensor:
+    return torch.arange(PROMPT)[None, :] >= (PROMPT - REAL)[:, None]
+
+
+def _training_row(clean_blocks: int, noisy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[prompt (left-padded) | clean blocks 0..clean_blocks-1 | noisy block clean_blocks]`` of each row."""
+    valid = _valid()
+    batch = valid.shape[0]
+    n_clean, n_noisy = clean_blocks * B, B if noisy else 0
+    token_type = torch.cat([torch.where(valid, int(TokenType.PROMPT), int(TokenType.PAD)),
+                            torch.full((batch, n_clean), int(TokenType.CLEAN)),
+                            torch.full((batch, n_noisy), int(TokenType.NOISY))], dim=1)
+    offsets = torch.arange(n_clean + n_noisy)[None].expand(batch, -1)
+    block_ids = torch.cat([prompt_block_ids(valid, B), response_block_ids(REAL[:, None], offsets, B)], dim=1)
+    doc_ids = torch.cat([torch.where(valid, 0, PAD_DOC_ID), torch.zeros(batch, n_clean + n_noisy, dtype=torch.int64)],
+                        dim=1)
+    return token_type, block_ids, doc_ids
+
+
+def _builder(flex: bool) -> _MaskBuilder:
+    key_valid = torch.cat([_valid(), torch.ones(len(REAL), BLOCKS * B, dtype=torch.bool)], dim=1)
+    builder = _MaskBuilder(SimpleNamespace(uses_flex_attention=flex), key_valid, torch.float32)
+    if flex:
+        builder._flex = lambda visible: visible  # the boolean matrix the BlockMask is made from
+    return builder
+
+
+def _seen(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch, q, kv]`` of an additive ``[batch, 1, q, kv]`` mask or a boolean one."""
+    return mask if mask.dtype == torch.bool else (mask[:, 0] == 0)
+
+
+def test_layout_helpers_are_the_sample_layout_rule():
+    for prompt_len in range(0, 11):
+        token_type, block_ids = sample_layout(prompt_len, 2 * B, B)
+        assert torch.equal(block_ids[:prompt_len], prompt_block_ids(torch.ones(prompt_len, dtype=torch.bool), B))
+        response = response_block_ids(prompt_len, torch.arange(2 * B), B)
+        assert torch.equal(block_ids[prompt_len:], torch.cat([response, response]))
+    # left padding gets block 0 and does not shift the real tokens' blocks
+    assert prompt_block_ids(torch.tensor([False, False, True, True, True]), 2).tolist() == [0, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_prefill_and_fused_prefill_are_the_training_rule(flex):
+    builder, valid = _builder(flex), _valid()
+    real = valid[:, :, None]  # padding queries' outputs are never used
+    expected = visibility(*_training_row(0, False))
+    assert torch.equal(_seen(builder.prefill(valid, prompt_block_ids(valid, B)))[real.expand(-1, -1, PROMPT)],
+                       expected[real.expand(-1, -1, PROMPT)])
+    fused = _seen(builder.prefill(valid, prompt_block_ids(valid, B), B))
+    expected = visibility(*_training_row(0, True))
+    rows = torch.cat([valid, torch.ones(len(REAL), B, dtype=torch.bool)], dim=1)[:, :, None].expand_as(expected)
+    assert torch.equal(fused[rows], expected[rows])
+
+
+@pytest.mark.parametrize("flex", [False, True])
+@pytest.mark.parametrize("k", range(BLOCKS))
+@pytest.mark.parametrize("kind", ["step", "fused", "commit"])
+def test_denoising_and_commit_masks_are_the_training_rule(flex, k, kind):
+    """Block ``k`` denoised (``step``: its queries over cache + itself), committed together with block ``k+1``'s
+    first step (``fused``: clean block ``k`` and noisy block ``k+1``), or committed alone (``commit``)."""
+    if kind == "fused" and k + 1 >= BLOCKS:
+        pytest.skip("no next block")
+    builder = _builder(flex)
+    if kind == "step":  # cache: prompt + blocks < k; queries: noisy block k
+        mask, row, queries = builder.step(PROMPT + k * B, 0, B), _training_row(k, True), slice(PROMPT + k * B, None)
+    elif kind == "fused":  # cache: prompt + blocks < k; queries: clean block k, noisy block k + 1
+        mask, row, queries = builder.step(PROMPT + k * B, B, B), _training_row(k + 1, True), slice(PROMPT + k * B, None)
+    else:  # cache: prompt + blocks < k; queries: clean block k
+        mask, row, queries = builder.step(PROMPT + k * B, B, 0), _training_row(k + 1, False), slice(PROMPT + k * B, None)
+    expected = visibility(*row)[:, queries, :]
+    assert _seen(mask).shape == expected.shape
+    assert torch.equal(_seen(mask), expected)
