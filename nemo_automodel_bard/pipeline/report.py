@@ -94,25 +94,27 @@ def check_targets(results: list[dict[str, Any]], default_threshold: float) -> li
 
 
 def _loss_curves(ctx: Any) -> dict[str, list[tuple[int, float]]]:
+    """Training loss per step of the AR pre-training and of every model the stages trained (by its name)."""
+    from .records import trained_models
+
+    runs = []
+    if ctx.outputs.get("ar_pretrain", {}).get("log_dir"):
+        runs.append(("ar_pretrain", ctx.outputs["ar_pretrain"]["log_dir"]))
+    runs += [(m.name, m.log_dir) for m in trained_models(ctx.outputs) if m.log_dir]
     curves: dict[str, list[tuple[int, float]]] = {}
-    for stage in ("ar_pretrain", "pbm", "swd"):
-        for key, value in ctx.outputs.get(stage, {}).items():
-            if not (key.endswith("_log") or key == "log_dir"):
+    for label, log_dir in runs:
+        path = Path(log_dir) / "training.jsonl"
+        if not path.exists():
+            continue
+        by_step: dict[int, float] = {}  # a resumed run may log a step twice: the later record wins
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
                 continue
-            path = Path(value) / "training.jsonl"
-            if not path.exists():
-                continue
-            by_step: dict[int, float] = {}  # a resumed run may log a step twice: the later record wins
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "loss" in record and "step" in record:
-                    by_step[int(record["step"])] = float(record["loss"])
-            points = sorted(by_step.items())
-            label = stage if key == "log_dir" else f"{stage}:{key[:-4]}"
-            curves[label] = points
+            if "loss" in record and "step" in record:
+                by_step[int(record["step"])] = float(record["loss"])
+        curves[label] = sorted(by_step.items())
     return curves
 
 

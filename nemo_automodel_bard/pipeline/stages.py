@@ -28,6 +28,7 @@ from .environment import (
 )
 from .launch import run_recipe
 from .manifest import Manifest, fingerprint
+from .records import TrainedModel, trained_models
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
     print(f"[bard-vl] stage ar_init: {source} -> {target}", flush=True)
     convert_ar_to_bard(source, target, block_size=int(section["block_size"]),
                        mask_embedding=section.get("mask_embedding", "keep"), overwrite=True)
-    outputs = {"model_dir": str(target.resolve())}
+    outputs = {"model_dir": str(target.resolve()),
+               "models": [TrainedModel("ar", str(target.resolve()), None).to_dict()]}  # decoded autoregressively
     ctx.manifest.record("ar_init", key, outputs, time.perf_counter() - started)
     return outputs
 
@@ -321,11 +323,12 @@ def stage_pbm(ctx: Context) -> dict[str, Any]:
     """Progressive block merging: each block size initialised from the previous stage's export."""
     section = ctx.cfg["pbm"]
     current = ctx.outputs["ar_init"]["model_dir"]
-    result: dict[str, Any] = {"block_sizes": list(section["block_sizes"])}
+    result: dict[str, Any] = {"block_sizes": list(section["block_sizes"]), "models": []}
     for i, (block, steps) in enumerate(zip(section["block_sizes"], pbm_steps(section))):
         out = _pbm_stage(ctx, int(block), current, steps, f"pbm_b{block}", first=i == 0)
         result[f"b{block}_dir"] = current = out["model_dir"]
         result[f"b{block}_log"] = out["log_dir"]
+        result["models"].append(TrainedModel(f"pbm_b{block}", out["model_dir"], int(block), out["log_dir"]).to_dict())
     return result
 
 
@@ -370,7 +373,7 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
     section = ctx.cfg["swd"]
     pbm = ctx.outputs["pbm"]
     teacher_block = int(section["teacher_block_size"])
-    result: dict[str, Any] = {"anchor_block_size": teacher_block}
+    result: dict[str, Any] = {"anchor_block_size": teacher_block, "models": []}
     extra = int(section.get("anchor_extra_steps") or 0)
     if section.get("anchor_path"):  # an anchor trained elsewhere (published: a larger model), used as it is
         anchor_dir = str(Path(section["anchor_path"]).resolve())
@@ -385,6 +388,9 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
             out = _pbm_stage(ctx, teacher_block, anchor_dir, extra, f"swd_anchor_b{teacher_block}")
             anchor_dir = out["model_dir"]
             result["anchor_log"] = out["log_dir"]
+            # an anchor trained further is a model of its own (evaluated next to the PBM stage it came from)
+            result["models"].append(TrainedModel(f"anchor_b{teacher_block}", anchor_dir, teacher_block,
+                                                 out["log_dir"]).to_dict())
     result["anchor_dir"] = anchor_dir
     previous_teacher = (anchor_dir, teacher_block)
     student_init = {int(k): int(v) for k, v in (section.get("student_init") or {}).items()}
@@ -426,6 +432,8 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                          stream=f"swd_b{student}")
             result[f"{label}_b{student}_dir"] = out["model_dir"]
             result[f"{label}_b{student}_log"] = out["log_dir"]
+            result["models"].append(TrainedModel(f"swd_{label}_b{student}", out["model_dir"], student,
+                                                 out["log_dir"]).to_dict())
         if section["anchor"] == "previous":
             previous_teacher = (result[f"kd_b{student}_dir"], student)
     return result
@@ -493,6 +501,7 @@ def stage_self_distill(ctx: Context) -> dict[str, Any]:
                   "dataset.path": done["trajectories"]})
     out = _train(ctx, "self_distill", section["recipe"], overrides, extra, stream=stream)
     return {"block_size": block, "source_dir": source, "model_dir": out["model_dir"], "log_dir": out["log_dir"],
+            "models": [TrainedModel(f"self_distill_b{block}", out["model_dir"], block, out["log_dir"]).to_dict()],
             "trajectories": done["trajectories"], "trajectory_summary": done["summary"]}
 
 
@@ -502,23 +511,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 
     section = ctx.cfg["evaluate"]
     records = heldout_records(ctx.cfg["data"], int(section["num_samples"]))
-    candidates: list[tuple[str, str, int | None]] = []
-    if section.get("ar_baseline", True) and "ar_init" in ctx.outputs:
-        candidates.append(("ar", ctx.outputs["ar_init"]["model_dir"], None))
-    pbm = ctx.outputs.get("pbm", {})
-    for block in pbm.get("block_sizes", []):
-        candidates.append((f"pbm_b{block}", pbm[f"b{block}_dir"], int(block)))
-    swd = ctx.outputs.get("swd", {})
-    for key, value in swd.items():
-        if key.endswith("_dir") and key != "anchor_dir" and key[: key.index("_")] in ("kd", "ce"):
-            label, block = key[:-4].split("_b")
-            candidates.append((f"swd_{label}_b{block}", value, int(block)))
-    if "anchor_dir" in swd and swd["anchor_dir"] != pbm.get(f"b{swd['anchor_block_size']}_dir"):
-        candidates.append((f"anchor_b{swd['anchor_block_size']}", swd["anchor_dir"], int(swd["anchor_block_size"])))
-    distilled = ctx.outputs.get("self_distill", {})
-    if distilled.get("model_dir"):
-        candidates.append((f"self_distill_b{distilled['block_size']}", distilled["model_dir"],
-                           int(distilled["block_size"])))
+    candidates = [(m.name, m.model_dir, m.block_size) for m in trained_models(ctx.outputs)
+                  if m.block_size is not None or section.get("ar_baseline", True)]
     results_dir = ctx.output_dir / "eval"
     results: dict[str, Any] = {"results_dir": str(results_dir), "entries": []}
     # the rendered trajectory is the final PBM stage's (largest block), else the last model decoded
