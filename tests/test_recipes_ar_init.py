@@ -14,7 +14,7 @@ from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 from nemo_automodel_bard.data.collator import BardVLCollator
 from nemo_automodel_bard.objectives.block_diffusion import build_training_mask
 from nemo_automodel_bard.recipes.ar_init import ARInitError, convert_ar_to_bard, main, ordinary_token_limit
-from nemo_automodel_bard.recipes.model_builder import write_tiny_qwen3_vl
+from nemo_automodel_bard.fixtures.tiny import write_tiny_qwen3_vl
 
 EMBED = "model.language_model.embed_tokens.weight"
 

@@ -126,7 +126,7 @@ def test_config_errors_are_clear(tiny_model_dir, tmp_path, override, message):
 
 
 def test_a_qwen3_vl_directory_is_pointed_to_ar_init(tmp_path):
-    from nemo_automodel_bard.recipes.model_builder import write_tiny_qwen3_vl
+    from nemo_automodel_bard.fixtures.tiny import write_tiny_qwen3_vl
     from nemo_automodel_bard.recipes.pbm import BardVLPBMRecipe
 
     ar = write_tiny_qwen3_vl(tmp_path / "ar")

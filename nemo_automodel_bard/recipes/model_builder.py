@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,12 +39,7 @@ __all__ = [
     "build_qwen3_vl_ar",
     "check_model_path",
     "check_model_type",
-    "tiny_qwen3_vl_config",
-    "write_tiny_qwen3_vl",
 ]
-
-_BARD_FIELDS = ("mask_token_id", "block_size", "pad_block_token_id", "legacy_clean_sees_noisy")
-
 
 class ModelConfigError(ValueError):
     """The ``model:`` section of a recipe does not describe a usable model."""
@@ -220,27 +214,6 @@ def build_bard_vl(
     return _apply_infrastructure(model, pretrained_model_name_or_path, **infrastructure)
 
 
-def tiny_qwen3_vl_config(tokenizer: Any = None, **tiny_kwargs: Any):
-    """A plain Qwen3-VL config (``model_type: qwen3_vl``) with the tiny Bard-VL shapes and token ids.
-
-    ``tiny_kwargs`` are those of :func:`nemo_automodel_bard.fixtures.tiny.tiny_config`
-    (``hidden_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``vision_hidden_size``,
-    ``vision_depth``).
-    """
-    from transformers import Qwen3VLConfig
-
-    from nemo_automodel_bard.fixtures.tiny import tiny_config
-
-    data = tiny_config(tokenizer, **tiny_kwargs).to_dict()
-    for key in (*_BARD_FIELDS, "model_type", "transformers_version", "architectures"):
-        data.pop(key, None)
-    data["text_config"] = {k: v for k, v in data["text_config"].items() if k != "model_type"}
-    data["vision_config"] = {k: v for k, v in data["vision_config"].items() if k != "model_type"}
-    config = Qwen3VLConfig(**data)
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
-    return config
-
-
 def build_qwen3_vl_ar(
     pretrained_model_name_or_path: Optional[str] = None,
     *,
@@ -281,6 +254,8 @@ def build_qwen3_vl_ar(
         from nemo_automodel_bard.fixtures.tiny import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
+        from nemo_automodel_bard.fixtures.tiny import tiny_qwen3_vl_config
+
         config = tiny_qwen3_vl_config(tokenizer, **dict(tiny))
         config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
@@ -305,26 +280,3 @@ def build_qwen3_vl_ar(
         )
         use_linear_patch_embed(model)
     return _apply_infrastructure(model, pretrained_model_name_or_path, **infrastructure)
-
-
-def write_tiny_qwen3_vl(out_dir: str | os.PathLike, *, seed: int = 0, **tiny_kwargs: Any) -> Path:
-    """Write a random tiny *autoregressive* Qwen3-VL directory (``model_type: qwen3_vl``) with the tiny
-    processor (tokenizer with chat template, image and video processors) and return its path.
-
-    It is what ``recipes/tiny/ar_pretrain.yaml`` starts from (built in memory there) and what AR init
-    accepts.
-    """
-    from transformers import Qwen3VLForConditionalGeneration
-
-    from nemo_automodel_bard.fixtures.tiny import build_tiny_processor
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    processor = build_tiny_processor()
-    config = tiny_qwen3_vl_config(processor.tokenizer, **tiny_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = Qwen3VLForConditionalGeneration(config)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
