@@ -496,8 +496,8 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
         seed_offset: added to Energon's seeds (a different data order).
 
     Training splits repeat without end (every rank always has a next sample, so ranks stay in step);
-    the recipe's ``step_scheduler.max_steps`` ends the run. ``len()`` is the number of samples of this
-    rank in one pass. ``state_dict()`` holds Energon's state of this rank (JSON text) and the count of
+    the recipe's ``step_scheduler.max_steps`` ends the run. :meth:`num_samples` is the number of samples of
+    this rank in one pass. ``state_dict()`` holds Energon's state of this rank (JSON text) and the count of
     records yielded; ``load_state_dict()`` continues exactly after the last yielded record.
     """
 
@@ -558,7 +558,9 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
             self._loader = self._build_loader()
         return self._loader
 
-    def __len__(self) -> int:
+    def num_samples(self) -> int:
+        """Samples of this rank in one pass over its shards (Energon's ``len`` of the loader; no ``__len__``:
+        the training stream does not end after them)."""
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -63,6 +63,7 @@ from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
 from nemo_automodel.shared.import_utils import safe_import
 
 from .collate import resolve_collate
+from .energon_loader import install_stream_dataloaders
 from .model_builder import ModelConfigError, build_bard_vl, build_qwen3_vl_ar, check_model_path, check_model_type
 
 _HAS_WANDB, wandb = safe_import("wandb")
@@ -350,6 +351,10 @@ class BardRecipeBase(FinetuneRecipeForVLM):
     def setup(self) -> None:
         """NeMo's ``setup()`` plus the Bard-VL pieces (collators, stage metadata, parameter groups)."""
         self.validate_config()
+        try:  # Energon data: the recipe's loaders read shards (recipes/energon_loader.py)
+            install_stream_dataloaders(self.cfg)
+        except ValueError as exc:
+            raise RecipeConfigError(str(exc)) from None
         with cpu_cuda_guard(), accept_custom_model_targets():
             super().setup()
         if self.dist_env.device is None:  # initialize_distributed leaves it unset without CUDA
