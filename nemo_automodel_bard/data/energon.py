@@ -600,7 +600,8 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
         self.yielded = int(state.get("yielded", 0))
 
 
-_SHAPES_KEYS = {"split", "size", "seed", "order", "offset", "kind"}
+#: keys a recipe's map-style ``dataset:`` section may still carry when the pipeline switches it to Energon
+_OTHER_DATASET_KEYS = {"split", "size", "seed", "order", "offset", "kind", "image_root", "strict", "max_samples"}
 
 
 def energon_dataset(
@@ -618,9 +619,10 @@ def energon_dataset(
     """``_target_`` of a recipe ``dataset:`` section reading Energon shards (see :class:`EnergonChatStream`).
 
     The recipes build its loader themselves (one per data-parallel rank, batches collated by the recipe's
-    ``collate_fn``, state saved in each checkpoint). Keys of the shapes dataset a recipe YAML may still
-    carry (``split``, ``size``, ``seed``, ...) are ignored; any other unknown key is an error."""
-    unknown = sorted(set(ignored) - _SHAPES_KEYS)
+    ``collate_fn``, state saved in each checkpoint). Keys of the map-style datasets a recipe YAML may still
+    carry (``split``, ``size``, ``seed``, ``image_root``, ...) are ignored (shards carry their media); any
+    other unknown key is an error."""
+    unknown = sorted(set(ignored) - _OTHER_DATASET_KEYS)
     if unknown:
         raise TypeError(f"energon_dataset: unknown argument(s) {unknown}")
     return EnergonChatStream(path, rank=rank, world_size=world_size, split=energon_split, num_workers=num_workers,

@@ -25,7 +25,10 @@ YAML::
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EnergonLoaderConfig", "install_stream_dataloaders", "is_energon_target"]
 
@@ -113,6 +116,24 @@ def _loader_config(cfg: Any, dataset_key: str, loader_key: str) -> Optional[Ener
                                collator=VlmCollatorConfig(factory=factory, kwargs=collate))
 
 
+def _epochs_as_steps(raw: Any, train: EnergonLoaderConfig) -> int:
+    """``num_epochs`` passes over the training split as optimizer steps: the Energon training stream repeats
+    without end (every rank always has a next sample), so the recipe stops by steps."""
+    import math
+
+    from nemo_automodel_bard.data.energon import energon_dataset
+
+    epochs = int(raw.get("step_scheduler.num_epochs", None) or 1)
+    batch = raw.get("step_scheduler.global_batch_size", None)
+    if not batch:
+        raise ValueError("step_scheduler.global_batch_size is required with Energon data")
+    total = energon_dataset(**train.dataset_kwargs, rank=0, world_size=1).num_samples()
+    steps = max(1, math.ceil(epochs * total / int(batch)))
+    logger.info("Energon data: %d samples x %d epoch(s) / global batch %d -> step_scheduler.max_steps=%d",
+                total, epochs, int(batch), steps)
+    return steps
+
+
 def install_stream_dataloaders(cfg: Any) -> bool:
     """Make NeMo's setup build Energon loaders for Energon ``dataset`` / ``validation_dataset`` sections of the
     recipe config ``cfg`` (a NeMo ``RecipeConfig``). Returns whether the training data is Energon's."""
@@ -120,8 +141,7 @@ def install_stream_dataloaders(cfg: Any) -> bool:
     if train is not None:
         cfg.__dict__["vlm_dataloader"] = train  # the typed config NeMo's setup() reads (a cached property)
         if cfg._raw.get("step_scheduler.max_steps", None) is None:
-            raise ValueError("step_scheduler.max_steps is required with Energon data (the training stream repeats "
-                             "without end, so epochs do not end a run)")
+            cfg._raw.set_by_dotted("step_scheduler.max_steps", _epochs_as_steps(cfg._raw, train))
     val = _loader_config(cfg, "validation_dataset", "validation_dataloader")
     if val is not None:
         cfg.__dict__["vlm_validation_dataloader"] = val
