@@ -51,8 +51,10 @@ def test_round_trip_jsonl_to_shards_gives_the_same_batches(shards, tiny_processo
     jsonl, path = shards
     reference = ChatDataset(jsonl)
     stream = EnergonChatStream(path)
-    records = _take(stream, 12)
+    records = _take(stream, 24)
+    records, second = records[:12], records[12:]
     assert sorted(r["index"] for r in records) == list(range(12))  # one pass: every sample once
+    assert {r["noise_epoch"] for r in records} == {0} and {r["noise_epoch"] for r in second} == {1}
     first = records[0]["messages"][0]["content"][0]["image"]
     assert isinstance(first, bytes)  # self-contained: the PNG's bytes travel in the shard
     collate = BardCollate(processor=tiny_processor, block_size=4, seed=3)
@@ -66,6 +68,12 @@ def test_round_trip_jsonl_to_shards_gives_the_same_batches(shards, tiny_processo
                 assert torch.equal(value, from_shards[key]), key
             else:
                 assert value == from_shards[key], key
+    # the second pass is the collator's epoch 1: other noise, the same as the JSONL records at epoch 1
+    again = collate(second[:4])
+    collate.set_epoch(1)
+    assert torch.equal(again["input_ids"], collate([reference[r["index"]] for r in second[:4]])["input_ids"])
+    collate.set_epoch(0)
+    assert not torch.equal(again["input_ids"], collate([reference[r["index"]] for r in second[:4]])["input_ids"])
 
 
 def test_frame_videos_and_broken_records(tmp_path, tiny_processor):

@@ -104,3 +104,16 @@ def test_recipe_trains_from_a_hf_dataset(hf_data, tiny_model_dir, tmp_path):
                         f"--checkpoint.checkpoint_dir={tmp_path / 'out'}"])
     log = read_jsonl(tmp_path / "out" / "training.jsonl")
     assert [r["num_samples"] for r in log] == [4, 4] and (tmp_path / "out" / "final").exists()
+
+
+def test_missing_extras_name_the_extra_to_install(monkeypatch):
+    import sys
+
+    from nemo_automodel_bard.data import energon, hf_dataset
+
+    monkeypatch.setitem(sys.modules, "megatron.energon", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[data\]'"):
+        energon.energon_dataset("/anywhere")
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[data\]'"):
+        hf_dataset.HFChatDataset("/anywhere")

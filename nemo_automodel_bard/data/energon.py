@@ -496,7 +496,9 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
         seed_offset: added to Energon's seeds (a different data order).
 
     Training splits repeat without end (every rank always has a next sample, so ranks stay in step);
-    the recipe's ``step_scheduler.max_steps`` ends the run. :meth:`num_samples` is the number of samples of
+    the recipe's ``step_scheduler.max_steps`` ends the run. Each training record carries ``noise_epoch``,
+    the number of passes over this rank's samples before it, which the diffusion collator uses as its
+    epoch (a record that comes round again gets another noise draw). :meth:`num_samples` is the number of samples of
     this rank in one pass. ``state_dict()`` holds Energon's state of this rank (JSON text) and the count of
     records yielded; ``load_state_dict()`` continues exactly after the last yielded record.
     """
@@ -571,9 +573,13 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
             return
         if self._iterator is None:
             self._iterator = iter(self.loader)
+        per_pass = max(self.num_samples(), 1)
         for sample in self._iterator:
+            # the pass over this rank's data seeds the diffusion noise (the collator's epoch: the stream never
+            # ends an epoch); with a shuffle buffer a record near a pass boundary may be counted in the next
+            record = {**sample.record, "noise_epoch": self.yielded // per_pass}
             self.yielded += 1
-            yield dict(sample.record)
+            yield record
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
 
     data = cfg["data"]
     if data["kind"] in ("energon", "hf"):
-        _validate_data_source(data, stages)
+        _validate_data_source(data, stages, bool(cfg.get("swd", {}).get("teacher_cache")))
     if data["kind"] in ("jsonl", "energon", "hf"):
         path = data.get("path")
         if data["kind"] == "jsonl" and (not path or path == "???"):
@@ -236,7 +236,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 )
 
 
-def _validate_data_source(data: dict, stages: list) -> None:
+def _validate_data_source(data: dict, stages: list, cfg_swd_cache: bool = False) -> None:
     """``data=energon``: prepared shards or a metadataset YAML; ``data=hf``: a dataset name (opened now, so that a
     wrong name or split fails before any training)."""
     if data["kind"] == "energon":
@@ -251,6 +251,9 @@ def _validate_data_source(data: dict, stages: list) -> None:
             check_energon_path(path)
         except (ImportError, EnergonDataError) as exc:
             raise PipelineConfigError(f"data.path: {exc}") from None
+        if "swd" in stages and cfg_swd_cache:
+            raise PipelineConfigError("swd.teacher_cache precomputes the teacher per sample index: it needs a "
+                                      "map-style dataset (data=jsonl or data=hf); use swd.teacher_cache=false")
         if "self_distill" in stages:
             raise PipelineConfigError("self_distill decodes its training prompts one by one: it needs a map-style "
                                       "dataset (data=jsonl or data=hf), not an Energon stream")
