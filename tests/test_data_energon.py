@@ -189,9 +189,13 @@ def test_two_gloo_processes_read_disjoint_shards(shards, tmp_path):
 
 def test_converter_command(tmp_path, capsys):
     jsonl = write_jsonl(ShapesTask(seed=1), "train", 4, tmp_path / "j")
-    assert main([str(jsonl), str(tmp_path / "out"), "--samples-per-shard", "2", "--workers", "1"]) == 0
+    assert main([str(jsonl), str(tmp_path / "out"), "--samples-per-shard", "2", "--workers", "1",
+                 "--split", "train:0.5,val:0.5"]) == 0
     assert "wrote 4 samples in 2 shards" in capsys.readouterr().out
-    assert sorted(r["index"] for r in _take(EnergonChatStream(tmp_path / "out"), 4)) == [0, 1, 2, 3]
+    train = [r["index"] for r in _take(EnergonChatStream(tmp_path / "out"), 2)]
+    val = EnergonChatStream(tmp_path / "out", split="val")
+    first, again = [r["index"] for r in val], [r["index"] for r in val]  # validation: one ordered pass each time
+    assert first == again and len(first) == 2 and sorted(train + first) == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

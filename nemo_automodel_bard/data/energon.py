@@ -548,7 +548,7 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
                     str(self.path), batch_size=None, shuffle_buffer_size=self.shuffle_buffer_size,
                     max_samples_per_sequence=self.max_samples_per_sequence, **common)
             else:
-                dataset = energon.get_val_dataset(str(self.path), batch_size=1, **common)
+                dataset = energon.get_val_dataset(str(self.path), batch_size=None, **common)
         except Exception as exc:
             raise EnergonDataError(f"cannot open Energon data {str(self.path)!r} (split {self.split!r}): "
                                    f"{type(exc).__name__}: {exc}") from exc
@@ -568,8 +568,7 @@ class EnergonChatStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.training:  # validation: one full, ordered pass each time
             for sample in self._build_loader():
-                for record in sample.record if isinstance(sample.record, list) else [sample.record]:
-                    yield dict(record)
+                yield dict(sample.record)
             return
         if self._iterator is None:
             self._iterator = iter(self.loader)
