@@ -220,3 +220,19 @@ def test_recipe_trains_from_shards_and_resumes_exactly(shards, tiny_model_dir, t
     assert [r["num_samples"] for r in log_a] == [4, 4, 4, 4]
     a, b = read_weights(tmp_path / "a" / "final"), read_weights(tmp_path / "b" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_recipe_by_epochs_stops_after_the_data_passes(shards, tiny_model_dir, tmp_path):
+    from nemo_automodel_bard.recipes.common import RecipeConfigError, run_recipe
+
+    _, path = shards
+    common = [f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--step_scheduler.max_steps=None",
+              "--step_scheduler.num_epochs=2", "--step_scheduler.global_batch_size=8",
+              "--step_scheduler.local_batch_size=8", "--validation_dataset=None", "--bard.progress_bar=false",
+              "--dataset._target_=nemo_automodel_bard.data.energon.energon_dataset", f"--dataset.path={path}"]
+    run_recipe(PBM_B2, [*common, f"--checkpoint.checkpoint_dir={tmp_path / 'a'}"])
+    log = read_jsonl(tmp_path / "a" / "training.jsonl")
+    assert len(log) == 3  # 2 epochs x 12 samples / 8 per step
+    with pytest.raises(RecipeConfigError, match="set dataset.num_workers instead"):
+        run_recipe(PBM_B2, [*common, "--dataloader.num_workers=2", f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"])

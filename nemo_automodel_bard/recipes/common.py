@@ -352,7 +352,8 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         """NeMo's ``setup()`` plus the Bard-VL pieces (collators, stage metadata, parameter groups)."""
         self.validate_config()
         try:  # Energon data: the recipe's loaders read shards (recipes/energon_loader.py)
-            install_stream_dataloaders(self.cfg)
+            if install_stream_dataloaders(self.cfg):
+                self._clamp_warmup()  # max_steps may have just been derived from the epochs
         except ValueError as exc:
             raise RecipeConfigError(str(exc)) from None
         with cpu_cuda_guard(), accept_custom_model_targets():
