@@ -236,3 +236,26 @@ def test_recipe_by_epochs_stops_after_the_data_passes(shards, tiny_model_dir, tm
     assert len(log) == 3  # 2 epochs x 12 samples / 8 per step
     with pytest.raises(RecipeConfigError, match="set dataset.num_workers instead"):
         run_recipe(PBM_B2, [*common, "--dataloader.num_workers=2", f"--checkpoint.checkpoint_dir={tmp_path / 'b'}"])
+
+
+def test_recipe_loader_reads_the_shards_of_its_data_parallel_rank(shards, tiny_model_dir):
+    from nemo_automodel.recipes._typed_config import RecipeConfig
+
+    from nemo_automodel_bard.recipes.common import load_recipe_config
+    from nemo_automodel_bard.recipes.energon_loader import install_stream_dataloaders
+
+    _, path = shards
+    cfg = RecipeConfig(load_recipe_config(PBM_B2, [
+        f"--model.pretrained_model_name_or_path={tiny_model_dir}", "--validation_dataset=None",
+        "--dataset._target_=nemo_automodel_bard.data.energon.energon_dataset", f"--dataset.path={path}"]))
+    assert install_stream_dataloaders(cfg)
+    seen = []
+    for rank in (0, 1):
+        build = cfg.vlm_dataloader.build(pretrained_model_name_or_path=str(tiny_model_dir), dp_rank=rank,
+                                         dp_world_size=2, batch_size=3)
+        loader = build.dataloader
+        assert loader.dataset.rank == rank and loader.dataset.world_size == 2
+        batches = [batch for _, batch in zip(range(2), loader)]  # 2 x 3 = this rank's 6 samples
+        assert all(b["input_ids"].shape[0] == 3 for b in batches)
+        seen.append({int(i) for b in batches for i in b["sample_indices"].tolist()})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
