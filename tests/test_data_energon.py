@@ -122,6 +122,10 @@ def test_resume_from_the_saved_state_continues_exactly(shards, tmp_path, workers
     tail = [r["index"] for r in _take(resumed, 23)]
     assert head + tail == reference
     assert set(reference) == set(range(12)) and len(set(head)) == 7
+    del resumed
+    import gc
+
+    gc.collect()  # worker processes stop here (torch's worker join takes ~5 s), not in a later test
 
 
 def test_state_codec_round_trip_and_refuses_foreign_classes():
