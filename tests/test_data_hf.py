@@ -117,3 +117,20 @@ def test_missing_extras_name_the_extra_to_install(monkeypatch):
         energon.energon_dataset("/anywhere")
     with pytest.raises(ImportError, match=r"pip install -e '\.\[data\]'"):
         hf_dataset.HFChatDataset("/anywhere")
+
+
+def test_loading_never_downloads(monkeypatch):
+    import datasets.config
+
+    seen = []
+    real, before = datasets.load_dataset, datasets.config.HF_HUB_OFFLINE
+
+    def spy(*args, **kwargs):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    with pytest.raises(ValueError, match="cannot load 'no-such-org/no-such-dataset'"):
+        make_dataset(kind="hf", name="no-such-org/no-such-dataset", split="train")
+    assert seen == [True]  # offline while loading: a name not in the cache fails at once, nothing is fetched
+    assert datasets.config.HF_HUB_OFFLINE == before  # and the setting is restored

@@ -1,6 +1,6 @@
 """Chat records from a Hugging Face ``datasets`` dataset: a local directory of data files, a dataset saved with
-``save_to_disk``, or a hub dataset already in the local cache (no download: ``HF_DATASETS_OFFLINE=1`` is set
-while loading unless ``allow_download=True``).
+``save_to_disk``, or a hub dataset already in the local cache (no download: ``datasets`` runs in offline mode while
+loading unless ``allow_download=True``).
 
 Rows must hold the chat schema (a ``messages`` column; images / videos inside the content items as paths,
 ``datasets.Image`` values or bytes). Each row is validated on access like a JSONL line: a broken row becomes
@@ -13,7 +13,6 @@ per column and a single bad line fails the whole load.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,18 +23,24 @@ __all__ = ["HFChatDataset", "hf_chat_dataset"]
 
 @contextlib.contextmanager
 def _offline(enabled: bool):
+    """Offline mode of ``datasets`` and ``huggingface_hub`` while loading (both read their environment variables
+    once, at import, so the module settings are switched, then restored)."""
     if not enabled:
         yield
         return
-    old = os.environ.get("HF_DATASETS_OFFLINE")
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    old = [(module, name, getattr(module, name)) for module, name in saved if hasattr(module, name)]
+    for module, name, _ in old:
+        setattr(module, name, True)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("HF_DATASETS_OFFLINE", None)
-        else:
-            os.environ["HF_DATASETS_OFFLINE"] = old
+        for module, name, value in old:
+            setattr(module, name, value)
 
 
 def _require_datasets():
