@@ -500,7 +500,9 @@ class BardVLCollator:
                 turns = turns[-1:]
         except SampleSkipped as exc:
             return index, [], [(index, exc.reason)]
-        generator = sample_generator(self.seed, self.epoch, index)
+        # a stream without epochs (data/energon.py) numbers its own passes over the data in "noise_epoch"
+        pass_number = sample.get("noise_epoch") if isinstance(sample, Mapping) else None
+        generator = sample_generator(self.seed, self.epoch if pass_number is None else int(pass_number), index)
         prepared = []
         for turn in turns:
             try:

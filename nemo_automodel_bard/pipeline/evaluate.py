@@ -133,11 +133,19 @@ def heldout_records(data_cfg: Any, num_samples: int) -> EvalRecords:
                 record.reference = format_answer(task.layout("heldout", i))
         return records
     path = data_cfg.get("eval_path")
-    if not path:
-        raise ValueError("data.eval_path is required to evaluate on chat-format data (held-out JSONL records)")
-    from nemo_automodel_bard.data.chat_dataset import ChatDataset
+    if kind == "hf" and not path and data_cfg.get("eval_split"):  # a held-out split of the training dataset
+        from nemo_automodel_bard.data.hf_dataset import HFChatDataset
 
-    dataset = ChatDataset(path, image_root=data_cfg.get("root"), max_samples=num_samples)
+        name, split = str(data_cfg.get("name")), str(data_cfg["eval_split"])
+        dataset = HFChatDataset(name, split=split, config=data_cfg.get("config"), image_root=data_cfg.get("root"),
+                                max_samples=num_samples)
+        path = f"{name} split {split}"
+    elif not path:
+        raise ValueError("data.eval_path is required to evaluate on chat-format data (held-out JSONL records)")
+    else:
+        from nemo_automodel_bard.data.chat_dataset import ChatDataset
+
+        dataset = ChatDataset(path, image_root=data_cfg.get("root"), max_samples=num_samples)
     records = records_from_chat((dataset[i] for i in range(len(dataset))), source=f"data.eval_path {path}",
                                 skip_unusable=True)
     if not records:

@@ -74,6 +74,8 @@ def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, 
     data = cfg["data"]
     if data["kind"] == "shapes":  # size and offset: per stream (_stream_overrides)
         return {f"{section}.seed": data.get("seed", 0), **_shapes_order(data, section)}
+    if data["kind"] in ("energon", "hf"):
+        return _source_overrides(data, section)
     overrides = {
         f"{section}._target_": "nemo_automodel_bard.data.factory.make_dataset",
         f"{section}.kind": "jsonl",
@@ -88,6 +90,11 @@ def _validation_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     data = cfg["data"]
     if data["kind"] == "shapes":
         return {"validation_dataset.seed": data.get("seed", 0), **_shapes_order(data, "validation_dataset")}
+    if data["kind"] == "hf" and data.get("eval_split"):
+        return {**_source_overrides({**data, "split": data["eval_split"]}, "validation_dataset"),
+                "validation_dataset.max_samples": 64}
+    if data["kind"] in ("energon", "hf") and not data.get("eval_path"):
+        return {"validation_dataset": None}  # no held-out records named: no validation loss
     path = data.get("eval_path") or data["path"]
     overrides = {
         "validation_dataset._target_": "nemo_automodel_bard.data.factory.make_dataset",
@@ -97,6 +104,26 @@ def _validation_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if data.get("root"):
         overrides["validation_dataset.image_root"] = str(Path(data["root"]).resolve())
+    return overrides
+
+
+def _source_overrides(data: dict[str, Any], section: str) -> dict[str, Any]:
+    """Energon shards (``data=energon``) or a Hugging Face dataset (``data=hf``) as a recipe's ``section``."""
+    if data["kind"] == "energon":
+        loader = "dataloader" if section == "dataset" else "validation_dataloader"
+        return {f"{section}._target_": "nemo_automodel_bard.data.energon.energon_dataset",
+                f"{section}.path": str(Path(data["path"]).resolve()),
+                **{f"{section}.{key}": data.get(key) for key in ("shuffle_buffer_size", "max_samples_per_sequence")},
+                f"{section}.num_workers": int(data.get("num_workers") or 0),
+                f"{loader}.num_workers": 0}  # Energon's workers read; the recipe's loader only collates
+    name = str(data["name"])
+    overrides = {f"{section}._target_": "nemo_automodel_bard.data.factory.make_dataset", f"{section}.kind": "hf",
+                 f"{section}.name": str(Path(name).resolve()) if Path(name).exists() else name,
+                 f"{section}.split": data.get("split") or "train"}
+    if data.get("config"):
+        overrides[f"{section}.config"] = data["config"]
+    if data.get("root"):
+        overrides[f"{section}.image_root"] = str(Path(data["root"]).resolve())
     return overrides
 
 
@@ -164,6 +191,8 @@ def _stream_overrides(ctx: Context, stream: str, yaml_path: Path, given: dict[st
         if size > STREAM_STRIDE:
             raise ValueError(f"data.train_size={size} exceeds the {STREAM_STRIDE} samples of a training stream")
         out.update({"dataset.offset": _claim_stream(ctx, stream), "dataset.size": size})
+    elif data["kind"] == "energon":  # each stream its own shard and sample order
+        out["dataset.seed_offset"] = derive_seed(ctx.seed, f"energon/{stream}") % (2**31)
     return out
 
 

@@ -175,18 +175,21 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                     raise PipelineConfigError(f"{stage}: recipe {recipe_dir / name} does not exist")
 
     data = cfg["data"]
-    if data["kind"] == "jsonl":
+    if data["kind"] in ("energon", "hf"):
+        _validate_data_source(data, stages, bool(cfg.get("swd", {}).get("teacher_cache")))
+    if data["kind"] in ("jsonl", "energon", "hf"):
         path = data.get("path")
-        if not path or path == "???":
+        if data["kind"] == "jsonl" and (not path or path == "???"):
             raise PipelineConfigError("data.path is required with data=jsonl (a chat-format JSONL file)")
-        if not Path(path).exists():
+        if data["kind"] == "jsonl" and not Path(path).exists():
             raise PipelineConfigError(f"data.path: {path} does not exist")
         if data.get("root") and not Path(data["root"]).is_dir():
             raise PipelineConfigError(f"data.root: {data['root']} is not a directory")
-        if "evaluate" in stages and not data.get("eval_path"):
-            raise PipelineConfigError("data.eval_path is required to evaluate on chat-format data")
+        if "evaluate" in stages and not data.get("eval_path") and not data.get("eval_split"):
+            raise PipelineConfigError("data.eval_path is required to evaluate on chat-format data"
+                                      + (" (or data.eval_split)" if data["kind"] == "hf" else ""))
         if "evaluate" in stages:
-            if not Path(data["eval_path"]).is_file():
+            if data.get("eval_path") and not Path(data["eval_path"]).exists():
                 raise PipelineConfigError(f"data.eval_path: {data['eval_path']} does not exist")
             from .evaluate import EvalDataError, heldout_records
 
@@ -200,7 +203,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 print(f"[bard-vl] data.eval_path: {len(unusable)} of {len(records) + len(unusable)} held-out records "
                       f"cannot be evaluated and are left out (listed in the report): {first}", flush=True)
     elif data["kind"] != "shapes":
-        raise PipelineConfigError(f"data.kind must be 'shapes' or 'jsonl', got {data['kind']!r}")
+        raise PipelineConfigError(f"data.kind must be 'shapes', 'jsonl', 'energon' or 'hf', got {data['kind']!r}")
 
     if "self_distill" in stages:
         distill = cfg["self_distill"]
@@ -235,6 +238,40 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                     f"stage {stage!r} needs the outputs of {need!r}, which is neither in stages={stages} nor "
                     f"recorded in the manifest of this work_dir; add it to stages"
                 )
+
+
+def _validate_data_source(data: dict, stages: list, cfg_swd_cache: bool = False) -> None:
+    """``data=energon``: prepared shards or a metadataset YAML; ``data=hf``: a dataset name (opened now, so that a
+    wrong name or split fails before any training)."""
+    if data["kind"] == "energon":
+        path = data.get("path")
+        if not path or path == "???":
+            raise PipelineConfigError("data.path is required with data=energon (a prepared Energon dataset directory "
+                                      "or a metadataset YAML)")
+        try:
+            from nemo_automodel_bard.data.energon import EnergonDataError, check_energon_path, require_energon
+
+            require_energon()
+            check_energon_path(path)
+        except (ImportError, EnergonDataError) as exc:
+            raise PipelineConfigError(f"data.path: {exc}") from None
+        if "swd" in stages and cfg_swd_cache:
+            raise PipelineConfigError("swd.teacher_cache precomputes the teacher per sample index: it needs a "
+                                      "map-style dataset (data=jsonl or data=hf); use swd.teacher_cache=false")
+        if "self_distill" in stages:
+            raise PipelineConfigError("self_distill decodes its training prompts one by one: it needs a map-style "
+                                      "dataset (data=jsonl or data=hf), not an Energon stream")
+        return
+    name = data.get("name")
+    if not name or name == "???":
+        raise PipelineConfigError("data.name is required with data=hf (a local dataset directory or a cached hub name)")
+    from nemo_automodel_bard.data.hf_dataset import HFChatDataset
+
+    for split in [data.get("split") or "train", *([data["eval_split"]] if data.get("eval_split") else [])]:
+        try:
+            HFChatDataset(str(name), split=split, config=data.get("config"), max_samples=1)
+        except (ImportError, ValueError) as exc:
+            raise PipelineConfigError(f"data.name: {exc}") from None
 
 
 __all__ = ["PipelineConfigError", "validate_config"]

@@ -61,6 +61,7 @@ from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
 from nemo_automodel.shared.import_utils import safe_import
 
 from .collate import resolve_collate
+from .energon_loader import install_stream_dataloaders
 from .nemo_compat import accept_custom_model_targets, check_nemo_compat, cpu_cuda_guard
 from .model_builder import ModelConfigError, build_bard_vl, build_qwen3_vl_ar, check_model_path, check_model_type
 
@@ -286,6 +287,11 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         """NeMo's ``setup()`` plus the Bard-VL pieces (collators, stage metadata, parameter groups)."""
         check_nemo_compat()
         self.validate_config()
+        try:  # Energon data: the recipe's loaders read shards (recipes/energon_loader.py)
+            if install_stream_dataloaders(self.cfg):
+                self._clamp_warmup()  # max_steps may have just been derived from the epochs
+        except ValueError as exc:
+            raise RecipeConfigError(str(exc)) from None
         with cpu_cuda_guard(), accept_custom_model_targets():
             super().setup()
         if self.dist_env.device is None:  # initialize_distributed leaves it unset without CUDA
