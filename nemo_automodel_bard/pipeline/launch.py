@@ -1,8 +1,9 @@
-"""Run a NeMo recipe YAML with ``--key=value`` overrides, in-process or through ``torchrun``.
+"""Run a NeMo recipe YAML with ``--key=value`` overrides: in a fresh process, in this one, or through ``torchrun``.
 
-In-process (one process, the default for the tiny pipeline) avoids re-importing NeMo for every
-stage; several processes (or nodes) go through ``torchrun -m nemo_automodel.cli.app``, which works
-on CPU (gloo) and GPU alike.
+One process (``launcher=local``, the tiny pipeline): each stage in a fresh Python process
+(:mod:`.stage_process`; ``launcher.isolate: false`` runs it in the pipeline's own process instead, which saves
+the start-up but trains later stages slower). Several processes (or nodes) go through ``torchrun -m
+nemo_automodel.cli.app``, which works on CPU (gloo) and GPU alike.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def run_in_process(yaml_path: str | Path, overrides: Mapping[str, Any]) -> None:
     run_recipe_in_process(yaml_path, format_overrides(overrides))
 
 
+def stage_process_command(yaml_path: str | Path, overrides: Mapping[str, Any]) -> list[str]:
+    """The command line of one stage in a fresh process (:mod:`nemo_automodel_bard.pipeline.stage_process`)."""
+    return [sys.executable, "-m", "nemo_automodel_bard.pipeline.stage_process", str(yaml_path),
+            *format_overrides(overrides)]
+
+
 def torchrun_command(yaml_path: str | Path, overrides: Mapping[str, Any], launcher: Mapping[str, Any]) -> list[str]:
     """The ``torchrun ... -m nemo_automodel.cli.app`` command line for a stage."""
     nproc = int(launcher.get("nproc_per_node", 1))
@@ -63,8 +70,15 @@ def run_recipe(yaml_path: str | Path, overrides: Mapping[str, Any], launcher: Ma
     kind = launcher.get("kind", "local")
     nproc = int(launcher.get("nproc_per_node", 1))
     if kind == "local" and nproc == 1:
-        logger.info("running %s in-process", yaml_path)
-        run_in_process(yaml_path, overrides)
+        if not launcher.get("isolate", True):
+            logger.info("running %s in-process", yaml_path)
+            run_in_process(yaml_path, overrides)
+            return
+        cmd = stage_process_command(yaml_path, overrides)
+        logger.info("running %s in a fresh process", yaml_path)
+        result = subprocess.run(cmd)  # its output goes to this console, as an in-process stage's would
+        if result.returncode != 0:
+            raise RuntimeError(f"stage failed (exit {result.returncode}): {shlex.join(cmd)}; see the output above")
         return
     cmd = torchrun_command(yaml_path, overrides, launcher)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -75,4 +89,4 @@ def run_recipe(yaml_path: str | Path, overrides: Mapping[str, Any], launcher: Ma
         raise RuntimeError(f"stage failed (exit {result.returncode}): {shlex.join(cmd)}; see {log_file}")
 
 
-__all__ = ["format_overrides", "run_in_process", "run_recipe", "torchrun_command"]
+__all__ = ["format_overrides", "run_in_process", "run_recipe", "stage_process_command", "torchrun_command"]
