@@ -16,7 +16,7 @@ Subpackages: ``diffusion`` (masks, noise, losses; pure torch), ``decoding``, ``m
 import os as _os
 import sys as _sys
 
-from ._alias import AUTO_MODULE, AUTO_REGISTER_ENV
+from ._alias import AUTO_MODULE, AUTO_PROCESSOR_MODULE, AUTO_REGISTER_ENV
 from ._alias import install as _install_alias
 
 _install_alias()
@@ -39,6 +39,6 @@ def __dir__() -> list[str]:
 
 
 if _os.environ.get(AUTO_REGISTER_ENV, "1") == "0" or AUTO_MODULE in _sys.modules \
-        or "transformers.models.auto.processing_auto" in _sys.modules:
+        or AUTO_PROCESSOR_MODULE in _sys.modules:
     # nothing will register stand-ins later: register the real classes now
     from .models import bard_vl as _bard_vl  # noqa: E402, F401

@@ -3,6 +3,7 @@
 from nemo_automodel_bard_alias import (
     ALIAS,
     AUTO_MODULE,
+    AUTO_PROCESSOR_MODULE,
     AUTO_REGISTER_ENV,
     IMPORT_HINT,
     TARGET,
@@ -15,6 +16,7 @@ from nemo_automodel_bard_alias import (
 __all__ = [
     "ALIAS",
     "AUTO_MODULE",
+    "AUTO_PROCESSOR_MODULE",
     "AUTO_REGISTER_ENV",
     "IMPORT_HINT",
     "TARGET",
