@@ -51,3 +51,22 @@ def test_shims_are_scoped():
         assert finetune.build_model is nemo_compat._build_model
         torch.cuda.reset_peak_memory_stats()  # no error on a CPU-only host
     assert finetune.build_model is original_build and torch.cuda.reset_peak_memory_stats is original_reset
+
+
+def test_the_energon_loaders_hooks_are_checked(monkeypatch):
+    """The typed-config attributes the Energon loaders replace and the build keywords they read."""
+    from nemo_automodel.components.datasets.vlm import loader
+    from nemo_automodel.recipes._typed_config import RecipeConfig
+
+    monkeypatch.setattr(RecipeConfig, "vlm_dataloader", property(lambda self: None))
+
+    def build(self, *, pretrained_model_name_or_path, rank, world_size, batch_size):  # renamed keywords
+        return None
+
+    monkeypatch.setattr(loader.VlmDataloaderConfig, "build", build)
+    report = nemo_compat.compat_report()
+    assert any("RecipeConfig.vlm_dataloader is no longer a cached property" in line for line in report["signature"])
+    assert "vlm.loader.VlmDataloaderConfig.build lacks ['dp_rank', 'dp_world_size', 'dataset_build_context']" \
+        in report["signature"]
+    with pytest.raises(nemo_compat.NemoCompatError, match="vlm_dataloader"):
+        nemo_compat.check_nemo_compat(strict=True)

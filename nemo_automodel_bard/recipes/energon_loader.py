@@ -8,7 +8,8 @@ checkpoints it per data-parallel rank), over :class:`~nemo_automodel_bard.data.e
 this rank: it pulls ``local_batch_size`` records per micro-batch (no prefetch in the main process, so the saved
 state is exactly after the last trained record) and collates them with the section's ``collate_fn``; the
 stream's own ``state_dict`` (Energon's state as JSON text) is what the checkpoint holds. Energon's worker
-processes (``dataset.num_workers``) do the reading and decoding.
+processes (``dataset.num_workers``) do the reading and decoding. The NeMo internals this relies on are listed
+and version-checked in :mod:`.nemo_compat`.
 
 YAML::
 

@@ -13,7 +13,11 @@ objective needs a few things NeMo's VLM recipe does not offer as public hooks:
   accepts only NeMo's own loaders as ``model._target_``; :func:`accept_custom_model_targets` lets it take our
   builders too while NeMo's ``setup()`` runs, and restores it afterwards;
 * **a CPU shim** -- NeMo 0.7.0 calls ``torch.cuda.reset_peak_memory_stats()`` unconditionally;
-  :func:`cpu_cuda_guard` makes it a no-op on a host without CUDA, for the duration of the call only.
+  :func:`cpu_cuda_guard` makes it a no-op on a host without CUDA, for the duration of the call only;
+* **the typed dataloader config, for Energon data** -- :mod:`.energon_loader` puts its own loader config in
+  place of ``RecipeConfig.vlm_dataloader`` / ``vlm_validation_dataloader`` (cached properties, so an instance
+  entry wins), resolves the processor section with ``RecipeConfig._resolve_vlm_processor`` and builds NeMo's
+  ``VlmCollatorConfig`` / ``VlmDataloaderBuild``; the keywords NeMo's setup passes to ``build`` are checked.
 
 :func:`check_nemo_compat` compares the installed NeMo with :data:`TESTED_NEMO_VERSION`: a parameter list
 that changed raises :class:`NemoCompatError` (the recipe could not work); a changed method body logs a
@@ -25,6 +29,7 @@ looked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import logging
@@ -34,7 +39,9 @@ from typing import Any, Callable
 import torch
 
 import nemo_automodel.recipes.vlm.finetune as _vlm_finetune
+from nemo_automodel.components.datasets.vlm import loader as _vlm_loader
 from nemo_automodel.components.training import utils as _training_utils
+from nemo_automodel.recipes._typed_config import RecipeConfig as _RecipeConfig
 from nemo_automodel.components.training.rng import ScopedRNG
 
 logger = logging.getLogger(__name__)
@@ -84,11 +91,24 @@ CALLED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "training.utils.prepare_for_grad_accumulation": None,  # type: ignore[dict-item]
     "training.utils.prepare_for_final_backward": None,  # type: ignore[dict-item]
     "training.utils.prepare_after_first_microbatch": None,  # type: ignore[dict-item]
+    "RecipeConfig._resolve_vlm_processor": ("node",),
+    "vlm.loader.VlmCollatorConfig": ("factory", "kwargs"),
+    "vlm.loader.VlmDataloaderBuild": ("dataloader", "processor"),
 }
 
-#: keyword arguments our optimizer step passes to ``scale_grads_and_clip_grad_norm``
-_CLIP_KWARGS = ("max_grad_norm", "model_parts", "norm_type", "pp_enabled", "device_mesh", "moe_mesh", "foreach",
-                "num_label_tokens", "dp_group_size", "grad_norm_backend")
+#: NeMo callables and the keyword arguments that pass between them and our code (a subset of their parameters):
+#: what our optimizer step passes to ``scale_grads_and_clip_grad_norm``, and what NeMo's setup passes to a
+#: dataloader config's ``build`` (our Energon stand-in reads these)
+KEYWORDS_USED: dict[str, tuple[str, ...]] = {
+    "training.utils.scale_grads_and_clip_grad_norm": (
+        "max_grad_norm", "model_parts", "norm_type", "pp_enabled", "device_mesh", "moe_mesh", "foreach",
+        "num_label_tokens", "dp_group_size", "grad_norm_backend"),
+    "vlm.loader.VlmDataloaderConfig.build": (
+        "pretrained_model_name_or_path", "dp_rank", "dp_world_size", "batch_size", "dataset_build_context"),
+}
+
+#: ``RecipeConfig`` attributes :mod:`.energon_loader` replaces per instance (must stay ``functools.cached_property``)
+CACHED_CONFIG_PROPERTIES = ("vlm_dataloader", "vlm_validation_dataloader")
 
 
 class NemoCompatError(RuntimeError):
@@ -105,7 +125,11 @@ def installed_nemo_version() -> str:
 
 def _resolve(name: str) -> Any:
     owner, _, attr = name.rpartition(".")
-    base = {"FinetuneRecipeForVLM": _RECIPE, "finetune": _vlm_finetune, "training.utils": _training_utils}[owner]
+    if owner.startswith("vlm.loader."):  # a member of a class of the loader module
+        owner_obj = getattr(_vlm_loader, owner[len("vlm.loader."):], None)
+        return getattr(owner_obj, attr, None) if owner_obj is not None else None
+    base = {"FinetuneRecipeForVLM": _RECIPE, "finetune": _vlm_finetune, "training.utils": _training_utils,
+            "RecipeConfig": _RecipeConfig, "vlm.loader": _vlm_loader}[owner]
     return getattr(base, attr, None)
 
 
@@ -123,11 +147,18 @@ def compat_report() -> dict[str, list[str]]:
             continue
         if params is not None and tuple(inspect.signature(obj).parameters) != params:
             report["signature"].append(f"{name}{inspect.signature(obj)} (expected parameters {params})")
-    clip = _resolve("training.utils.scale_grads_and_clip_grad_norm")
-    if clip is not None:
-        absent = [k for k in _CLIP_KWARGS if k not in inspect.signature(clip).parameters]
+    for name, keywords in KEYWORDS_USED.items():
+        obj = _resolve(name)
+        if obj is None:
+            report["missing"].append(name)
+            continue
+        absent = [k for k in keywords if k not in inspect.signature(obj).parameters]
         if absent:
-            report["signature"].append(f"training.utils.scale_grads_and_clip_grad_norm lacks {absent}")
+            report["signature"].append(f"{name} lacks {absent}")
+    for attr in CACHED_CONFIG_PROPERTIES:
+        if not isinstance(_RecipeConfig.__dict__.get(attr), functools.cached_property):
+            report["signature"].append(f"RecipeConfig.{attr} is no longer a cached property (the Energon loaders "
+                                       "replace it per instance)")
     for name, digest in REPLACED_SOURCES.items():
         obj = _resolve(name)
         if obj is not None and _source_digest(obj) != digest:
