@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .media import MEDIA_ITEM_KEYS
+from .media import MEDIA_ITEM_KEYS, media_path
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ def _media_bytes(ref: Any, root: Optional[str], what: str) -> tuple[bytes, str]:
                 raise ValueError(f"{what}: malformed data: URI") from None
         if ref.startswith(("http://", "https://")):
             raise ValueError(f"{what}: remote media are not converted (download them first): {ref!r}")
-        path = Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
+        path = media_path(ref, root)
         if not path.is_file():
             raise ValueError(f"{what}: file not found: {str(path)!r}")
         return path.read_bytes(), path.suffix

@@ -27,6 +27,7 @@ __all__ = [
     "load_image",
     "load_image_item",
     "load_video_item",
+    "media_path",
     "processor_video_kwargs",
     "resize_to_item_limits",
 ]
@@ -63,15 +64,20 @@ def item_kind(item: Any) -> str:
     raise SampleSkipped(f"unknown content item type {kind!r} (expected image, video or text)")
 
 
-def _resolve_path(ref: str, image_root: Optional[str]) -> Path:
-    if ref.startswith(("http://", "https://")):
-        raise SampleSkipped(f"remote media are not supported (no network access in the collator): {ref!r}")
+def media_path(ref: str, root: Optional[str]) -> Path:
+    """The local file a media path reference names: ``file://`` stripped, ``~`` expanded, relative to ``root``."""
     if ref.startswith("file://"):
         ref = ref[len("file://") :]
     path = Path(ref).expanduser()
-    if not path.is_absolute() and image_root is not None:
-        path = Path(image_root) / path
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
     return path
+
+
+def _resolve_path(ref: str, image_root: Optional[str]) -> Path:
+    if ref.startswith(("http://", "https://")):
+        raise SampleSkipped(f"remote media are not supported (no network access in the collator): {ref!r}")
+    return media_path(ref, image_root)
 
 
 def load_image(ref: Any, image_root: Optional[str] = None):
