@@ -35,19 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "BlockCallback",
-    "DEFAULT_DECODING",
-    "DecodingOptions",
-    "DecodingResult",
-    "RULES",
-    "UnmaskingRule",
-    "ar_generate",
-    "block_diffusion_generate",
-    "filter_logits",
-    "propose_tokens",
-    "render_trajectory",
-    "resolve_options",
-    "select_commits",
-    "transfer_schedule",
-]
+__all__ = sorted(_EXPORTS)
