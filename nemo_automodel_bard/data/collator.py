@@ -50,6 +50,7 @@ import torch
 from nemo_automodel_bard.diffusion.masks import pack_layouts, sample_layout
 from nemo_automodel_bard.diffusion.noise import (
     NoiseMode,
+    check_level_range,
     corrupt_response,
     get_schedule,
     ordinary_token_ids,
@@ -136,6 +137,8 @@ class BardVLCollator:
         max_loss_weight: cap of the per-block ELBO weight ``1/t`` (``None``: uncapped, as published). With
             levels down to 1e-3 one token can weigh 1000x another and hold half a batch's loss; a cap such
             as 10 trades the exact ELBO for a lower-variance gradient.
+        level_range: ``[lo, hi]``: every block's corruption level is drawn in this range instead of ``(0, 1]``
+            (the published SWD recipe: 10-50 % of a block masked); ``None``: the full range.
         substitution_vocab_limit: random substitution draws ids below this (default: the smallest
             added/special token id of the tokenizer, e.g. 151643 for Qwen3-VL); special ids are excluded.
         pad_to_multiple_of: round the row length up to a multiple of this (e.g. 128 for FlexAttention).
@@ -174,6 +177,7 @@ class BardVLCollator:
         complementary: bool = False,
         substitution_vocab_limit: Optional[int] = None,
         pad_to_multiple_of: int = 1,
+        level_range: Optional[Sequence[float]] = None,
     ) -> None:
         if processor is None and processor_path is None:
             raise ValueError("BardVLCollator needs `processor` (a Qwen3-VL processor) or `processor_path`")
@@ -217,6 +221,10 @@ class BardVLCollator:
         self.pad_weight = float(pad_weight)
         self.max_loss_weight = None if max_loss_weight is None else float(max_loss_weight)
         self.complementary = bool(complementary)
+        self.level_range = None if level_range is None else check_level_range(level_range)
+        if self.complementary and self.level_range is not None:
+            raise ValueError("complementary=True cannot be combined with level_range (the complement of a block at "
+                             "level t is at 1 - t, outside the range)")
         if self.complementary and (self.noise_mode is not NoiseMode.MASK or schedule != "linear"):
             raise ValueError("complementary=True needs noise_mode='mask' and schedule='linear' (the complement of a "
                              f"masked copy is defined for mask noise only); got {self.noise_mode.value!r}, {schedule!r}")
@@ -426,7 +434,7 @@ class BardVLCollator:
         R = padded_len
         N = R // B
 
-        levels, block_weights = sample_block_levels(N, generator, self.schedule)
+        levels, block_weights = sample_block_levels(N, generator, self.schedule, level_range=self.level_range)
         if self.max_loss_weight is not None:
             block_weights = block_weights.clamp(max=self.max_loss_weight)
         noisy, corrupted = corrupt_response(

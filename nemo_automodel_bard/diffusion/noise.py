@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from typing import Iterable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Iterable, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -25,6 +25,7 @@ __all__ = [
     "get_schedule",
     "stratified_times",
     "sample_block_levels",
+    "check_level_range",
     "NoiseMode",
     "mix_probabilities",
     "corrupt_response",
@@ -143,8 +144,12 @@ def sample_block_levels(
     generator: torch.Generator,
     schedule: Optional[NoiseSchedule] = None,
     eps: float = 1e-3,
+    level_range: Optional[tuple[float, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified per-block corruption levels and their ELBO loss weights.
+
+    ``level_range = (lo, hi)`` maps the levels affinely into ``[lo, hi]`` (``lo + (hi - lo) * t``; the published
+    SWD recipe masks 10-50 % of a block); the weights are then ``1 / level``. ``None``: the full range.
 
     Returns:
         ``(levels [N], weights [N])`` float32, ``levels = schedule.level(s)``,
@@ -152,7 +157,23 @@ def sample_block_levels(
     """
     schedule = schedule if schedule is not None else LinearSchedule()
     s = stratified_times(num_blocks, generator, eps)
-    return schedule.level(s).to(torch.float32), schedule.loss_weight(s).to(torch.float32)
+    levels, weights = schedule.level(s).to(torch.float32), schedule.loss_weight(s).to(torch.float32)
+    if level_range is not None:
+        lo, hi = check_level_range(level_range)
+        levels = (lo + (hi - lo) * levels).to(torch.float32)
+        weights = 1.0 / levels
+    return levels, weights
+
+
+def check_level_range(level_range: Any) -> tuple[float, float]:
+    """``(lo, hi)`` as floats with ``0 < lo <= hi <= 1``; a ``ValueError`` naming the value otherwise."""
+    try:
+        lo, hi = (float(v) for v in level_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"level_range must be two numbers [lo, hi], got {level_range!r}") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"level_range must satisfy 0 < lo <= hi <= 1, got {level_range!r}")
+    return lo, hi
 
 
 class NoiseMode(str, enum.Enum):

@@ -20,12 +20,13 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+
+from .targets import ModelScores, census_targets, sign_test
 
 #: the main job's targets over seeds (threshold 0.9, every forward counted)
 AR_MEAN_TARGET, AR_SPREAD_TARGET = 0.95, 0.03
@@ -41,16 +42,6 @@ def spread_stats(values: Iterable[float]) -> dict[str, float]:
         raise ValueError("spread_stats: no values")
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
             "spread": max(values) - min(values), "std": statistics.pstdev(values)}
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test p-value of ``wins`` against ``losses`` discordant pairs (ties dropped)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -125,8 +116,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
                           "accuracy": spread_stats(row["accuracy"]),
                           "tokens_per_forward": spread_stats(row["tokens_per_forward"])})
         seconds = [run["seconds"] for run in members if run.get("seconds")]
+        census = any(r.get("split") in ("test", "validation") for run in members for r in run["results"])
+        targets = census_group_targets(members, seconds) if census else check_aggregate_targets(table, seconds)
         out[group] = {"runs": [run["dir"] for run in members], "seeds": [run["seed"] for run in members],
-                      "seconds": seconds, "table": table, "targets": check_aggregate_targets(table, seconds)}
+                      "seconds": seconds, "table": table, "targets": targets}
     return out
 
 
@@ -167,6 +160,17 @@ def paired_comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "n": n, "baseline_accuracy": right_a / n, "accuracy": right_b / n, "wins": wins,
                             "losses": losses, "p_value": sign_test(wins, losses)})
     return out
+
+
+def census_group_targets(members: list[dict[str, Any]], seconds: list[float],
+                         threshold: float = DEFAULT_THRESHOLD) -> list[tuple[str, str, bool]]:
+    """The census main job's targets over the seeds of one group (means over seeds, sign tests pooled)."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for run in sorted(members, key=lambda run: run["seed"]):
+        for r in run["results"]:
+            if r.get("threshold") in (None, threshold):
+                by_name.setdefault(r["name"], []).append(r)
+    return census_targets({name: ModelScores.from_results(rs) for name, rs in by_name.items()}, seconds)
 
 
 def check_aggregate_targets(table: list[dict[str, Any]], seconds: list[float],
@@ -281,4 +285,4 @@ class AggregateRuns(_HydraCallback):  # type: ignore[misc]
 
 
 __all__ = ["AggregateRuns", "aggregate", "check_aggregate_targets", "find_runs", "load_run", "paired_comparisons",
-           "render_markdown", "sign_test", "spread_stats", "write_aggregate"]
+           "census_group_targets", "render_markdown", "sign_test", "spread_stats", "write_aggregate"]

@@ -113,12 +113,18 @@ def records_from_chat(records: Iterable[dict[str, Any]], source: str = "held-out
     return out
 
 
-def heldout_records(data_cfg: Any, num_samples: int) -> EvalRecords:
-    """Held-out evaluation items for the configured data set (shapes: the held-out split).
+def heldout_records(data_cfg: Any, num_samples: int, split: str | None = None) -> EvalRecords:
+    """Held-out evaluation items for the configured data set (shapes: the held-out split; census: ``split``,
+    ``"test"`` by default, or ``"validation"``).
 
     Chat-format data (``data.eval_path``): unusable records are left out and listed in ``unusable``; an
     :class:`EvalDataError` only when none is usable."""
     kind = data_cfg.get("kind", "shapes")
+    if kind == "census":  # the split is named (validation: for choosing; test: only reported)
+        from nemo_automodel_bard.data.census import census_dataset
+
+        dataset = census_dataset(split=str(split or "test"), size=num_samples, seed=int(data_cfg.get("seed", 0)))
+        return records_from_chat(dataset[i] for i in range(len(dataset)))
     if kind == "shapes":
         from nemo_automodel_bard.data.chat_dataset import shapes_dataset
 
@@ -179,6 +185,13 @@ def token_f1(prediction: str, reference: str) -> float:
 def _score(data_kind: str, predictions: Sequence[str], references: Sequence[str], order: str = "reading") -> dict[str, Any]:
     """``accuracy`` (exact match), ``field_accuracy`` (shapes only), ``token_f1`` (free text only) and
     ``correct``: per record, exact match or not (for paired comparisons of two models on the same records)."""
+    if data_kind == "census":
+        from nemo_automodel_bard.data import census
+
+        result = census.score(list(predictions), list(references))
+        correct = [bool(census.exact_match(p, r)) for p, r in zip(predictions, references)]
+        return {"accuracy": float(result["exact_match"]), "field_accuracy": float(result["field_accuracy"]),
+                "correct": correct}
     if data_kind == "shapes":
         from nemo_automodel_bard.data.shapes import exact_match, score
 
@@ -242,6 +255,8 @@ def evaluate_model(
     record_trajectory_of: int | None = None,
     device: str = "auto",
     fused_prefill: bool = True,
+    speed_samples: int = 0,
+    speed_repeats: int = 5,
 ) -> dict[str, Any]:
     """Decode every record and score it.
 
@@ -253,7 +268,9 @@ def evaluate_model(
     (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
     every denoising and commit forward counted -- the batch-1 cost), ``tokens_per_batch_forward`` (the
     same over the batch's forwards, where early finishers wait for the longest answer),
-    ``tokens_per_second``, ``forwards``, ``n``, ``predictions``, ``num_unusable`` / ``unusable_records`` (records
+    ``tokens_per_second`` (at ``batch_size``), ``speed`` (with ``speed_samples`` > 0: batch-1 tokens/s of the first
+    ``speed_samples`` records decoded one at a time, ``speed_repeats`` times -- median, min, max and every repeat),
+    ``forwards``, ``n``, ``predictions``, ``num_unusable`` / ``unusable_records`` (records
     left out, when ``records`` is an :class:`EvalRecords`) and optionally ``trajectory``.
     """
     from transformers import AutoProcessor
@@ -266,25 +283,29 @@ def evaluate_model(
     model.to(resolve_device(device))
     processor = AutoProcessor.from_pretrained(str(model_dir))
     block_size = int(block_size or model.config.block_size)
+
+    def decode(inputs: Any, trajectory: bool = False) -> tuple[Any, dict]:
+        if mode == "ar":
+            return ar_generate(model, inputs, max_new_tokens, eos_token_id=model.config.eos_token_id)
+        return block_diffusion_generate(
+            model, inputs, max_new_tokens=max_new_tokens, block_size=block_size,
+            denoising_steps=denoising_steps or block_size, temperature=0.0, top_k=0, top_p=1.0,
+            remasking_strategy=remasking_strategy, confidence_threshold=threshold, return_step_stats=True,
+            record_trajectory=trajectory, fused_prefill=fused_prefill,
+        )
+
     predictions: list[str] = []
     tokens = sample_forwards = batch_forwards = 0
     elapsed = 0.0
     trajectory = None
     for batch_index, chunk in enumerate(_batches(records, batch_size)):
         inputs = _encode(processor, chunk)
+        want_trajectory = (mode != "ar" and record_trajectory_of is not None
+                           and batch_index == record_trajectory_of // batch_size)
         start = time.perf_counter()
-        if mode == "ar":
-            ids, stats = ar_generate(model, inputs, max_new_tokens, eos_token_id=model.config.eos_token_id)
-        else:
-            want_trajectory = record_trajectory_of is not None and batch_index == record_trajectory_of // batch_size
-            ids, stats = block_diffusion_generate(
-                model, inputs, max_new_tokens=max_new_tokens, block_size=block_size,
-                denoising_steps=denoising_steps or block_size, temperature=0.0, top_k=0, top_p=1.0,
-                remasking_strategy=remasking_strategy, confidence_threshold=threshold, return_step_stats=True,
-                record_trajectory=want_trajectory, fused_prefill=fused_prefill,
-            )
-            if want_trajectory:
-                trajectory = {"stats": stats, "sample": record_trajectory_of % batch_size}
+        ids, stats = decode(inputs, want_trajectory)
+        if want_trajectory:
+            trajectory = {"stats": stats, "sample": record_trajectory_of % batch_size}
         elapsed += time.perf_counter() - start
         predictions += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         tokens += int(stats["num_response_tokens"])
@@ -302,6 +323,9 @@ def evaluate_model(
         response_tokens=tokens,
         predictions=[p.strip() for p in predictions],
     )
+    if speed_samples > 0:
+        result["speed"] = _batch1_speed(decode, [_encode(processor, [r]) for r in records[:speed_samples]],
+                                        max(int(speed_repeats), 1))
     unusable = getattr(records, "unusable", None)
     if unusable is not None:
         result["num_unusable"] = len(unusable)
@@ -309,6 +333,26 @@ def evaluate_model(
     if trajectory is not None:
         result["trajectory"] = trajectory
     return result
+
+
+def _batch1_speed(decode: Any, inputs: Sequence[Any], repeats: int) -> dict[str, Any]:
+    """Batch-1 tokens/s over ``inputs`` (one record each), measured ``repeats`` times after one warm-up pass:
+    ``{"median", "min", "max", "repeats": [...], "records", "tokens"}``. Single timings of the tiny models vary by
+    10-15 % from run to run, so a ratio of two models is reported from medians."""
+    import statistics
+
+    decode(inputs[0])  # warm-up (first-call allocations)
+    rates, tokens = [], 0
+    for _ in range(repeats):
+        tokens, elapsed = 0, 0.0
+        for one in inputs:
+            start = time.perf_counter()
+            _, stats = decode(one)
+            elapsed += time.perf_counter() - start
+            tokens += int(stats["num_response_tokens"])
+        rates.append(tokens / max(elapsed, 1e-9))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": rates,
+            "records": len(inputs), "tokens": tokens}
 
 
 def write_result(result: dict[str, Any], path: str | Path) -> Path:

@@ -76,7 +76,8 @@ def pipeline_help(conf: Path | None = None) -> str:
             if group in body and isinstance(body[group], dict):  # a @package _global_ file
                 body = body[group]
             lines += _wrap(_keys(group, body), "  ")
-    lines += ["", "examples:", "  bard-vl                                   # tiny model, embedded shapes task, every stage",
+    lines += ["", "examples:", "  bard-vl                                   # the main job: shipped tiny parents, census task",
+              "  bard-vl data=shapes                       # the quick shapes run (pre-trains its own AR model)",
               "  bard-vl seed=1 pbm.max_steps=100          # another seed, shorter PBM stages",
               "  bard-vl model=qwen3_vl_4b data=jsonl data.path=/data/train.jsonl launcher=torchrun",
               "  bard-vl --multirun seed=0,1,2             # seeds, then multirun/aggregate.md",

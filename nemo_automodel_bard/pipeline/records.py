@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 __all__ = ["TrainedModel", "trained_models"]
 
 #: the stages whose models are evaluated, in the order they appear in tables and plots
-MODEL_STAGES = ("ar_init", "pbm", "swd", "self_distill")
+MODEL_STAGES = ("ar_init", "teacher", "pbm", "swd", "self_distill")
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class TrainedModel:
     """One model a stage produced.
 
     Attributes:
-        name: its name in results, tables and plots (``ar``, ``pbm_b16``, ``swd_kd_b32``, ``swd_ce_b32``,
-            ``anchor_b4``, ``self_distill_b32``).
+        name: its name in results, tables and plots (``ar``, ``ar_large``, ``teacher_b4``, ``pbm_b16``, ``swd_kd_b32``,
+            ``swd_ce_b32``, ``anchor_b4``, ``self_distill_b32``, ``self_distill_ce_b32``).
         model_dir: the Hugging Face model directory.
         block_size: the block size it decodes with; ``None`` for the autoregressive model.
         log_dir: the training run's directory (its ``training.jsonl``), if it was trained here.

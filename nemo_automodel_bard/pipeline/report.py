@@ -33,27 +33,68 @@ def _load_entries(ctx: Any) -> list[dict[str, Any]]:
     return entries
 
 
-def _row(result: dict[str, Any]) -> list[str]:
+def _speed(result: dict[str, Any]) -> str:
+    speed = result.get("speed")
+    if not speed:
+        return "-"
+    return f"{speed['median']:.0f} ({speed['min']:.0f}-{speed['max']:.0f})"
+
+
+def _ratio(result: dict[str, Any], base: dict[str, Any] | None) -> str:
+    if not result.get("speed") or base is None or not base.get("speed"):
+        return "-"
+    return f"{result['speed']['median'] / base['speed']['median']:.2f}x"
+
+
+def _row(result: dict[str, Any], base: dict[str, Any] | None = None) -> list[str]:
     threshold = result.get("threshold")
     return [
         result["name"],
         "AR" if result.get("mode") == "ar" else str(result.get("block_size")),
         "-" if threshold is None else f"{threshold:g}",
+        str(result.get("split", "heldout")),
         f"{100 * result['accuracy']:.1f}",
         f"{100 * result['field_accuracy']:.1f}" if "field_accuracy" in result else "-",
         f"{100 * result['token_f1']:.1f}" if "token_f1" in result else "-",
         f"{result['tokens_per_forward']:.2f}",
         f"{result['tokens_per_batch_forward']:.2f}" if "tokens_per_batch_forward" in result else "-",
         f"{result['tokens_per_second']:.0f}",
+        _speed(result),
+        _ratio(result, base),
     ]
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    header = ["model", "B", "threshold", "exact match %", "field acc %", "token F1 %", "tokens/forward",
-              "tokens/batch forward", "tokens/s"]
+    header = ["model", "B", "threshold", "split", "exact match %", "field score %", "token F1 %", "tokens/forward",
+              "tokens/batch forward", "tokens/s (batch)", "tokens/s batch 1: median (min-max)", "vs AR parent"]
+    base = _find(results, "ar", None)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_row(r)) + " |" for r in results]
+    lines += ["| " + " | ".join(_row(r, base)) + " |" for r in results]
     return "\n".join(lines)
+
+
+def paired_rows(results: list[dict[str, Any]], default_threshold: float) -> list[str]:
+    """Markdown rows comparing each trained model with its control (SWD KD vs no-KD, self-distillation vs its
+    certainty_weight=0 control) and the large parent with the small one, on the same records."""
+    from .targets import ModelScores, paired
+
+    pairs = [("ar", "ar_large")]
+    for r in results:
+        if r["name"].startswith("swd_kd_b"):
+            pairs.append((r["name"].replace("swd_kd_", "swd_ce_"), r["name"]))
+        if r["name"].startswith("self_distill_b"):
+            pairs.append((r["name"].replace("self_distill_", "self_distill_ce_"), r["name"]))
+    rows = []
+    for base_name, name in dict.fromkeys(pairs):
+        base = _find(results, base_name, None if base_name.startswith("ar") else default_threshold)
+        mine = _find(results, name, None if name.startswith("ar") else default_threshold)
+        if base is None or mine is None or "correct" not in base or "correct" not in mine:
+            continue
+        wins, losses, p = paired(ModelScores.from_results([base]), ModelScores.from_results([mine]))
+        rows.append(f"| {name} vs {base_name} | {100 * mine['accuracy']:.1f} vs {100 * base['accuracy']:.1f} | "
+                    f"{mine['tokens_per_forward']:.2f} vs {base['tokens_per_forward']:.2f} | {wins} | {losses} | "
+                    f"{p:.3g} |")
+    return rows
 
 
 def _find(results: list[dict[str, Any]], name: str, threshold: float | None) -> dict[str, Any] | None:
@@ -118,6 +159,16 @@ def _loss_curves(ctx: Any) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+#: loss-curve panels: stage kind -> title
+_STAGE_KINDS = {"ar_pretrain": "AR pre-training", "teacher": "teacher (larger parent)", "pbm": "PBM",
+                "swd": "SWD students and controls", "anchor": "anchor", "self_distill": "self-distillation"}
+
+
+def _kind(label: str) -> str:
+    """The panel of a training run's curve (``pbm_b8`` -> ``pbm``, ``swd_kd_b16`` -> ``swd``)."""
+    return next((k for k in _STAGE_KINDS if label.startswith(k)), "pbm")
+
+
 def _save(fig: Any, path: Path, written: list[Path]) -> None:
     import matplotlib.pyplot as plt
 
@@ -135,26 +186,34 @@ def _plots(ctx: Any, results: list[dict[str, Any]], out_dir: Path) -> list[Path]
 
     written: list[Path] = []
     curves = _loss_curves(ctx)
-    if curves:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for label, points in curves.items():
-            if points:
-                steps, losses = zip(*points)
-                ax.plot(steps, losses, label=label, linewidth=1)
-        ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title="Loss per training stage")
-        ax.legend(fontsize=7)
+    kinds = [k for k in _STAGE_KINDS if any(_kind(label) == k for label in curves)]
+    if kinds:
+        fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            labels = [label for label in curves if _kind(label) == kind and curves[label]]
+            colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+            for i, label in enumerate(labels):
+                steps, losses = zip(*curves[label])
+                ax.plot(steps, losses, label=label, linewidth=1, color=colours(i))
+            ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title=_STAGE_KINDS[kind])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper right")
         _save(fig, out_dir / "loss_curves.png", written)
     if results:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in results:
-            marker = "*" if r.get("mode") == "ar" else "o"
-            ax.scatter(r["tokens_per_forward"], 100 * r["accuracy"], marker=marker, s=60)
-            ax.annotate(f"{r['name']}" + ("" if r.get("threshold") is None else f"@{r['threshold']:g}"),
-                        (r["tokens_per_forward"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set(xlabel="tokens per forward (prefill and every forward counted)", ylabel="held-out exact match (%)",
+        fig, ax = plt.subplots(figsize=(8, 5))
+        diffusion = [r for r in results if r.get("mode") != "ar"]
+        colours = plt.get_cmap("tab20")
+        for i, r in enumerate(diffusion):
+            label = f"{r['name']}" + ("" if r.get("threshold") is None else f" @{r['threshold']:g}")
+            ax.scatter(r["tokens_per_forward"], 100 * r["accuracy"], s=55, color=colours(i % 20), label=label,
+                       marker="s" if r["name"].startswith("teacher") else "o", zorder=3)
+        for r, style in zip([r for r in results if r.get("mode") == "ar"], ("--", ":", "-.")):
+            ax.axhline(100 * r["accuracy"], linestyle=style, color="black", linewidth=1,
+                       label=f"{r['name']} (AR, 1 token/forward): {100 * r['accuracy']:.1f}%")
+        ax.set(xlabel="tokens per forward (prefill and every forward counted)", ylabel="exact match (%)",
                title="Accuracy vs. parallelism")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         _save(fig, out_dir / "accuracy_vs_tokens_per_forward.png", written)
     for r in results:
         trajectory = r.get("trajectory")
@@ -213,27 +272,43 @@ def write_report(ctx: Any) -> dict[str, Any]:
     default_threshold = thresholds[0] if thresholds else DEFAULT_THRESHOLD
     table = _table(results)
     # the targets are the embedded task's: they mean nothing for a user's own data
-    embedded = ctx.cfg["data"].get("kind", "shapes") == "shapes"
-    targets = check_targets(results, default_threshold) if embedded else []
+    kind = ctx.cfg["data"].get("kind", "shapes")
+    embedded = kind in ("shapes", "census")
+    if kind == "census":
+        from .targets import ModelScores, census_targets
+
+        at_default = [r for r in results if r.get("threshold") in (None, default_threshold)]
+        targets = census_targets({r["name"]: ModelScores.from_results([r]) for r in at_default})
+    else:
+        targets = check_targets(results, default_threshold) if embedded else []
     plots = _plots(ctx, results, out_dir)
     seconds = run_stage_seconds(ctx)
     total = sum(v for v in seconds.values() if v)
     if total and embedded:
         targets.append((TARGETS_TEXT["time"], f"{total / 60:.1f} min", total <= PIPELINE_SECONDS_TARGET))
+    split = results[0].get("split", "heldout") if results else "heldout"
     lines = [
         "# Bard-VL pipeline report",
         "",
         f"Model `{ctx.cfg['model']['name']}`, data `{ctx.cfg['data']['name']}`, "
-        f"{results[0]['n'] if results else 0} held-out samples. Tokens per forward counts every forward "
-        "a sample took part in until its EOS (prefill, denoising and commit: its cost at batch 1) and response "
-        "tokens up to and including EOS; 'tokens/batch forward' divides by the batch's forwards instead (early "
-        "finishers wait for the longest answer).",
+        f"{results[0]['n'] if results else 0} records of the `{split}` split. Tokens per forward counts every "
+        "forward a sample took part in until its EOS (prefill, denoising and commit: its cost at batch 1) and "
+        "response tokens up to and including EOS; 'tokens/batch forward' divides by the batch's forwards instead "
+        "(early finishers wait for the longest answer). 'tokens/s batch 1' decodes a few records one at a time, "
+        "several times: the median with the slowest and fastest repeat; 'vs AR parent' is the ratio of medians to "
+        "the (small) AR parent decoded autoregressively.",
         "",
         table,
         "",
-        "## Targets",
-        "",
     ]
+    pair_rows = paired_rows(results, default_threshold)
+    if pair_rows:
+        lines += ["## Paired comparisons", "",
+                  "The same records; won/lost: records the first model gets right and the second wrong, and the "
+                  "reverse; p: two-sided exact sign test.", "",
+                  "| comparison | exact match % | tokens/forward | won | lost | p |", "|---|---|---|---|---|---|",
+                  *pair_rows, ""]
+    lines += ["## Targets", ""]
     for text, measured, met in targets:
         lines.append(f"* {'met' if met else 'NOT met'}: {text} — measured {measured}")
     if not targets:

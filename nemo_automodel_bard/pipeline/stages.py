@@ -1,4 +1,5 @@
-"""The pipeline's stages: AR pre-training (tiny), AR init, PBM, SWD, self-distillation, evaluation, report.
+"""The pipeline's stages: AR pre-training (tiny, opt-in), AR init, the SWD teacher, PBM, SWD, self-distillation,
+evaluation, report.
 
 Each stage gets the resolved config and earlier stages' outputs, writes under ``work_dir`` into a
 directory named after its configuration fingerprint, and returns its outputs; the manifest records
@@ -32,7 +33,9 @@ from .records import TrainedModel, trained_models
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("ar_pretrain", "ar_init", "pbm", "swd", "self_distill", "evaluate", "report")
+STAGE_ORDER = ("ar_pretrain", "ar_init", "teacher", "pbm", "swd", "self_distill", "evaluate", "report")
+#: data kinds generated in-process from a seed (every training stream reads its own fresh samples)
+PROCEDURAL_DATA = ("shapes", "census")
 
 
 @dataclass
@@ -72,6 +75,9 @@ def _shapes_order(data: dict[str, Any], section: str) -> dict[str, Any]:
 
 def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, Any]:
     data = cfg["data"]
+    if data["kind"] == "census":  # size and offset: per stream (_stream_overrides)
+        return {f"{section}._target_": "nemo_automodel_bard.data.census.census_dataset", f"{section}.split": "train",
+                f"{section}.seed": data.get("seed", 0)}
     if data["kind"] == "shapes":  # size and offset: per stream (_stream_overrides)
         return {f"{section}.seed": data.get("seed", 0), **_shapes_order(data, section)}
     if data["kind"] in ("energon", "hf"):
@@ -88,6 +94,10 @@ def _data_overrides(cfg: dict[str, Any], section: str = "dataset") -> dict[str, 
 
 def _validation_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     data = cfg["data"]
+    if data["kind"] == "census":  # the validation split: the test split is never seen before the report
+        return {"validation_dataset._target_": "nemo_automodel_bard.data.census.census_dataset",
+                "validation_dataset.split": "validation", "validation_dataset.seed": data.get("seed", 0),
+                "validation_dataset.size": 64}
     if data["kind"] == "shapes":
         return {"validation_dataset.seed": data.get("seed", 0), **_shapes_order(data, "validation_dataset")}
     if data["kind"] == "hf" and data.get("eval_split"):
@@ -171,14 +181,14 @@ def _claim_stream(ctx: Context, stream: str) -> int:
 def _stream_overrides(ctx: Context, stream: str, yaml_path: Path, given: dict[str, Any]) -> dict[str, Any]:
     """Seeds and training data of one stream (a stage, or an SWD student and its control, which share one
     so that their comparison is paired): the sampler and noise seeds derive from the run seed and the
-    stream, and on the shapes task every stream reads its own fresh images -- as many as it consumes
+    stream, and on the embedded tasks every stream reads its own fresh images -- as many as it consumes
     (``data.train_size: auto``), so no stage repeats an epoch and no two stages or seeds share an image."""
     out: dict[str, Any] = {"seed": derive_seed(ctx.seed, stream)}
     collate = str(_recipe_value(yaml_path, given, "dataloader.collate_fn._target_") or "")
     if collate.endswith("bard_collate_fn"):  # the diffusion noise (the AR collator draws nothing)
         out["dataloader.collate_fn.seed"] = derive_seed(ctx.seed, f"noise/{stream}")
     data = ctx.cfg["data"]
-    if data["kind"] == "shapes":
+    if data["kind"] in PROCEDURAL_DATA:
         size = data.get("train_size", "auto")
         if size in (None, "auto"):
             steps = int(_recipe_value(yaml_path, given, "step_scheduler.max_steps") or 0)
@@ -243,44 +253,88 @@ def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extr
 
 def stage_ar_pretrain(ctx: Context) -> dict[str, Any]:
     """Tiny only: pre-train the AR model on the task (real sizes start from the published AR model)."""
+    from nemo_automodel_bard.fixtures.parents import resolve_init
+
     model = ctx.cfg["model"]
-    if model.get("init"):
-        return {"model_path": model["init"], "pretrained": True}
+    if model.get("init"):  # a given AR model (a directory, a hub id, or a shipped parent: parent:small)
+        return {"model_path": resolve_init(model["init"]), "pretrained": True}
     section = ctx.cfg["ar_pretrain"]
     overrides: dict[str, Any] = {"step_scheduler.max_steps": section["max_steps"],
                                  "model.init_seed": derive_seed(ctx.seed, "init")}
     warmup_steps = int(section.get("vision_warmup_steps") or 0)
-    if ctx.cfg["data"]["kind"] == "shapes" and warmup_steps > 0:
+    kind = ctx.cfg["data"]["kind"]
+    if kind in PROCEDURAL_DATA and warmup_steps > 0:
         overrides["model.vision_warmup.steps"] = warmup_steps
+        if kind == "census":  # the per-cell labels of a 4 x 4 board of 32-pixel cells
+            overrides.update({"model.vision_warmup.grid": 4, "model.vision_warmup.image_size": 128})
         overrides["model.vision_warmup.data_seed"] = ctx.cfg["data"].get("seed", 0)
         overrides["model.vision_warmup.seed"] = derive_seed(ctx.seed, "vision_warmup")
         overrides["model.vision_warmup.data_offset"] = _claim_stream(ctx, "vision_warmup")
     else:  # the warm-up uses the shapes task's per-cell labels; other data start from a random tower
         overrides["model.vision_warmup"] = None
+    if kind == "census":
+        overrides.update(_data_overrides(ctx.cfg))
     out = _train(ctx, "ar_pretrain", section["recipe"], overrides, section.get("overrides") or {})
     return {**out, "model_path": out["model_dir"]}
 
 
-def stage_ar_init(ctx: Context) -> dict[str, Any]:
-    """Convert the AR Qwen3-VL directory into a Bard-VL starting directory."""
+def _convert(ctx: Context, name: str, source: str, model_name: str) -> dict[str, Any]:
+    """AR init of ``source`` as the manifest stage ``name``; the result is also the model ``model_name``, decoded
+    autoregressively (the AR baseline of the same weights)."""
     from nemo_automodel_bard.recipes.ar_init import convert_ar_to_bard
 
-    source = ctx.outputs["ar_pretrain"]["model_path"]
     section = ctx.cfg["ar_init"]
     key = fingerprint(ctx.manifest.portable({"source": source, **section, "code": code_digest(TRAINING_CODE),
                                              "numerics": numerics()}))
-    done = ctx.manifest.finished("ar_init", key)
+    done = ctx.manifest.finished(name, key)
     if done is not None:
         return done
-    target = ctx.work_dir / f"ar_init-{key}"
+    target = ctx.work_dir / f"{name}-{key}"
     started = time.perf_counter()
-    print(f"[bard-vl] stage ar_init: {source} -> {target}", flush=True)
+    print(f"[bard-vl] stage {name}: {source} -> {target}", flush=True)
     convert_ar_to_bard(source, target, block_size=int(section["block_size"]),
                        mask_embedding=section.get("mask_embedding", "keep"), overwrite=True)
     outputs = {"model_dir": str(target.resolve()),
-               "models": [TrainedModel("ar", str(target.resolve()), None).to_dict()]}  # decoded autoregressively
-    ctx.manifest.record("ar_init", key, outputs, time.perf_counter() - started)
+               "models": [TrainedModel(model_name, str(target.resolve()), None).to_dict()]}
+    ctx.manifest.record(name, key, outputs, time.perf_counter() - started)
     return outputs
+
+
+def stage_ar_init(ctx: Context) -> dict[str, Any]:
+    """Convert the AR Qwen3-VL directory (``model.init``, else the ``ar_pretrain`` stage's export) into a Bard-VL
+    starting directory."""
+    from nemo_automodel_bard.fixtures.parents import resolve_init
+
+    init = ctx.cfg["model"].get("init")
+    source = resolve_init(init) if init else ctx.outputs["ar_pretrain"]["model_path"]
+    return _convert(ctx, "ar_init", source, "ar")
+
+
+def stage_teacher(ctx: Context) -> dict[str, Any]:
+    """The SWD teacher, as published: a *larger* AR parent (``model.teacher_init``) converted and trained with PBM
+    up to the teacher's small block size (``teacher.block_sizes``, e.g. 2 -> 4), then kept fixed. Its AR parent
+    is evaluated too (``ar_large``)."""
+    from nemo_automodel_bard.fixtures.parents import resolve_init
+
+    source = ctx.cfg["model"].get("teacher_init")
+    if not source:
+        raise ValueError("stage teacher needs model.teacher_init (the larger AR parent: a directory or parent:large)")
+    section = ctx.cfg["teacher"]
+    converted = _convert(ctx, "teacher_ar_init", resolve_init(source), "ar_large")
+    models = list(converted["models"])
+    current, block = converted["model_dir"], None
+    blocks = [int(b) for b in section["block_sizes"]]
+    steps = section["max_steps"]
+    steps = [int(s) for s in steps] if isinstance(steps, (list, tuple)) else [int(steps)] * len(blocks)
+    if len(steps) != len(blocks):
+        raise ValueError(f"teacher.max_steps has {len(steps)} entries for {len(blocks)} block sizes {blocks}")
+    log_dir = None
+    for i, (block, n) in enumerate(zip(blocks, steps)):
+        out = _pbm_stage(ctx, block, current, n, f"teacher_b{block}", first=i == 0,
+                         extra_overrides=section.get("overrides") or {})
+        current, log_dir = out["model_dir"], out["log_dir"]
+    models.append(TrainedModel(f"teacher_b{block}", current, block, log_dir).to_dict())
+    return {"model_dir": current, "block_size": block, "models": models}
 
 
 def applies_at(value: Any, block: int) -> bool:
@@ -303,7 +357,7 @@ def _objective_overrides(section: dict[str, Any], block: int) -> dict[str, Any]:
 
 
 def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: str,
-               first: bool = False) -> dict[str, Any]:
+               first: bool = False, extra_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One PBM run (also the SWD anchor's extra steps); its seeds and data are the stream ``name``.
     ``first``: the chain's first stage, which also gets ``pbm.first_stage_overrides``."""
     section = ctx.cfg["pbm"]
@@ -320,6 +374,7 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     # per block size, e.g. the published data: one mixture for B=4, another for B >= 8
     by_block = {int(k): v for k, v in (section.get("stage_overrides") or {}).items()}
     extra.update(by_block.get(int(block)) or {})
+    extra.update(extra_overrides or {})
     return _train(ctx, name, recipe, overrides, extra)
 
 
@@ -390,6 +445,16 @@ def _teacher_cache(ctx: Context, name: str, recipe: str, overrides: dict[str, An
     return outputs["cache_dir"]
 
 
+def _mask_range_override(section: dict[str, Any]) -> dict[str, Any]:
+    """``swd.mask_range: [lo, hi]`` (the published SWD recipe masks 10-50 % of a block) as the collator's
+    ``level_range``; nothing when unset (the full range, as PBM)."""
+    value = section.get("mask_range")
+    if value is None:
+        return {}
+    lo, hi = (float(v) for v in value)
+    return {"dataloader.collate_fn.level_range": [lo, hi]}
+
+
 def _control_kd() -> dict[str, Any]:
     """KD settings handed to the no-KD control runs (unused there: their KD weight is 0): the defaults."""
     from nemo_automodel_bard.objectives.distillation import SWD_DEFAULTS
@@ -404,7 +469,14 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
     teacher_block = int(section["teacher_block_size"])
     result: dict[str, Any] = {"anchor_block_size": teacher_block, "models": []}
     extra = int(section.get("anchor_extra_steps") or 0)
-    if section.get("anchor_path"):  # an anchor trained elsewhere (published: a larger model), used as it is
+    if section["anchor"] == "teacher":  # the published setting: a larger model's small-block stage (stage teacher)
+        teacher = ctx.outputs.get("teacher")
+        if not teacher:
+            raise ValueError("swd.anchor=teacher needs the teacher stage's output: add `teacher` to stages (or set "
+                             "swd.anchor=fixed to distil from this model's own PBM B=swd.teacher_block_size stage)")
+        anchor_dir, teacher_block = teacher["model_dir"], int(teacher["block_size"])
+        result["anchor_block_size"] = teacher_block
+    elif section.get("anchor_path"):  # an anchor trained elsewhere (published: a larger model), used as it is
         anchor_dir = str(Path(section["anchor_path"]).resolve())
         if extra > 0:
             logger.info("swd.anchor_path is set: swd.anchor_extra_steps=%s is not applied", extra)
@@ -428,6 +500,8 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
         if student <= teacher_block:
             raise ValueError(f"swd.student_block_sizes: {student} is not larger than the teacher's {teacher_block}")
         teacher_dir, teacher_b = previous_teacher if section["anchor"] == "previous" else (anchor_dir, teacher_block)
+        if student <= teacher_b:
+            raise ValueError(f"swd.student_block_sizes: {student} is not larger than the teacher's {teacher_b}")
         runs = [("kd", float(section["kd_weight"]))]
         if applies_at(section.get("control", True), student):
             runs.append(("ce", 0.0))
@@ -448,6 +522,7 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                 "bard.kd_top_k": int(kd["top_k"]),
                 "bard.kd_direction": kd["direction"],
                 "bard.kd_temperature": float(kd["temperature"]),
+                **_mask_range_override(section),
             }
             if kd_weight:
                 overrides["bard.kd_at_block_padding"] = bool(section.get("kd_at_block_padding", False))
@@ -499,7 +574,7 @@ def stage_self_distill(ctx: Context) -> dict[str, Any]:
     extra = dict(section.get("overrides") or {})
     if section.get("num_prompts"):  # fewer prompts than the stage's images (shapes) / the whole training file
         count = int(section["num_prompts"])
-        extra["dataset.size" if ctx.cfg["data"]["kind"] == "shapes" else "dataset.max_samples"] = count
+        extra["dataset.size" if ctx.cfg["data"]["kind"] in PROCEDURAL_DATA else "dataset.max_samples"] = count
     stream = "self_distill"
     # 1. the trajectories: the prompts this stage would train on, decoded by the source model
     full = _full_overrides(ctx, yaml_path, overrides, extra, stream)
@@ -529,9 +604,18 @@ def stage_self_distill(ctx: Context) -> dict[str, Any]:
     extra.update({"dataset._target_": "nemo_automodel_bard.data.factory.make_dataset", "dataset.kind": "jsonl",
                   "dataset.path": done["trajectories"]})
     out = _train(ctx, "self_distill", section["recipe"], overrides, extra, stream=stream)
-    return {"block_size": block, "source_dir": source, "model_dir": out["model_dir"], "log_dir": out["log_dir"],
-            "models": [TrainedModel(f"self_distill_b{block}", out["model_dir"], block, out["log_dir"]).to_dict()],
-            "trajectories": done["trajectories"], "trajectory_summary": done["summary"]}
+    result = {"block_size": block, "source_dir": source, "model_dir": out["model_dir"], "log_dir": out["log_dir"],
+              "models": [TrainedModel(f"self_distill_b{block}", out["model_dir"], block, out["log_dir"]).to_dict()],
+              "trajectories": done["trajectories"], "trajectory_summary": done["summary"]}
+    if section.get("control", False) and float(section["certainty_weight"]) > 0:
+        # the control: the same steps, answers, order and noise without the certainty term (is the gain the
+        # term's, or only more fine-tuning on right answers?)
+        control = _train(ctx, "self_distill_ce", section["recipe"], {**overrides, "bard.certainty_weight": 0.0}, extra,
+                         stream=stream)
+        result.update(control_dir=control["model_dir"], control_log=control["log_dir"])
+        result["models"].append(TrainedModel(f"self_distill_ce_b{block}", control["model_dir"], block,
+                                             control["log_dir"]).to_dict())
+    return result
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
@@ -539,7 +623,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     from .evaluate import evaluate_model, heldout_records, write_result
 
     section = ctx.cfg["evaluate"]
-    records = heldout_records(ctx.cfg["data"], int(section["num_samples"]))
+    split = str(section.get("split", "test"))
+    records = heldout_records(ctx.cfg["data"], int(section["num_samples"]), split=split)
     candidates = [(m.name, m.model_dir, m.block_size) for m in trained_models(ctx.outputs)
                   if m.block_size is not None or section.get("ar_baseline", True)]
     results_dir = ctx.output_dir / "eval"
@@ -564,6 +649,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                 wants_trajectory = name == final_name and threshold == thresholds[0]
                 result = evaluate_model(
                     model_dir, records, data_kind=ctx.cfg["data"]["kind"], mode="ar" if block is None else "diffusion",
+                    speed_samples=int(section.get("speed_samples", 0) or 0) if threshold in (None, thresholds[0]) else 0,
+                    speed_repeats=int(section.get("speed_repeats", 0) or 0),
                     order=str(ctx.cfg["data"].get("order", "reading")),
                     block_size=block, threshold=threshold if threshold is not None else DEFAULT_THRESHOLD,
                     remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
@@ -571,7 +658,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                     record_trajectory_of=int(ctx.cfg["report"]["trajectory_index"]) if wants_trajectory else None,
                     device=str(section.get("device", "auto")),
                 )
-                result.update(name=name, model_dir=model_dir)
+                result.update(name=name, model_dir=model_dir,
+                              split=split if ctx.cfg["data"]["kind"] == "census" else "heldout")
                 write_result(result, path)
                 ctx.manifest.record(f"evaluate:{ctx.output_dir}:{tag}", key, {"result_file": str(path)},
                                     time.perf_counter() - started)
@@ -590,6 +678,7 @@ def stage_report(ctx: Context) -> dict[str, Any]:
 STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ar_pretrain": stage_ar_pretrain,
     "ar_init": stage_ar_init,
+    "teacher": stage_teacher,
     "pbm": stage_pbm,
     "swd": stage_swd,
     "self_distill": stage_self_distill,

@@ -8,7 +8,7 @@ from typing import Any
 
 from nemo_automodel_bard.diffusion.losses import kd_direction
 
-from .stages import STAGE_ORDER, pbm_steps
+from .stages import PROCEDURAL_DATA, STAGE_ORDER, pbm_steps
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -78,10 +78,36 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     _block_switch(cfg["pbm"].get("complementary", False), "pbm.complementary")
 
     swd = cfg["swd"]
+    teacher_stage = cfg.get("teacher") or {}
+    if "teacher" in stages or ("swd" in stages and swd["anchor"] == "teacher"):
+        teacher_blocks = [_positive_int(b, "teacher.block_sizes[]") for b in teacher_stage.get("block_sizes") or []]
+        if not teacher_blocks:
+            raise PipelineConfigError("teacher.block_sizes: empty (the last one is the teacher's block size)")
+        if any(b2 <= b1 for b1, b2 in zip(teacher_blocks, teacher_blocks[1:])):
+            raise PipelineConfigError(f"teacher.block_sizes must be strictly increasing, got {teacher_blocks}")
+        tsteps = teacher_stage.get("max_steps")
+        tsteps = list(tsteps) if isinstance(tsteps, (list, tuple)) else [tsteps] * len(teacher_blocks)
+        if len(tsteps) != len(teacher_blocks):
+            raise PipelineConfigError(f"teacher.max_steps has {len(tsteps)} entries for {len(teacher_blocks)} block "
+                                      f"sizes {teacher_blocks} (one int, or one per block size)")
+        for value in tsteps:
+            _positive_int(value, "teacher.max_steps")
+        if "teacher" in stages and not cfg["model"].get("teacher_init"):
+            raise PipelineConfigError("stage teacher needs model.teacher_init (the larger AR parent: a directory, a hub "
+                                      "id, or parent:large)")
     if "swd" in stages:
-        teacher = _positive_int(swd["teacher_block_size"], "swd.teacher_block_size")
+        if swd["anchor"] == "teacher":
+            teacher = int(teacher_stage["block_sizes"][-1])
+            if "teacher" not in stages and "teacher" not in available_outputs:
+                raise PipelineConfigError("swd.anchor=teacher needs the outputs of 'teacher', which is neither in "
+                                          f"stages={stages} nor recorded in the manifest of this work_dir; add it to "
+                                          "stages (or set swd.anchor=fixed)")
+        else:
+            teacher = _positive_int(swd["teacher_block_size"], "swd.teacher_block_size")
         anchor_path = swd.get("anchor_path")
-        if anchor_path:
+        if swd["anchor"] == "teacher":
+            pass
+        elif anchor_path:
             anchor = Path(anchor_path)
             anchor = anchor if anchor.is_absolute() else Path.cwd() / anchor
             if not (anchor / "config.json").is_file():
@@ -90,8 +116,15 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
             raise PipelineConfigError(
                 f"swd.teacher_block_size={teacher} is not one of pbm.block_sizes {blocks} (the anchor is a PBM stage)"
             )
-        if swd["anchor"] not in ("fixed", "previous"):
-            raise PipelineConfigError(f"swd.anchor must be 'fixed' or 'previous', got {swd['anchor']!r}")
+        if swd["anchor"] not in ("teacher", "fixed", "previous"):
+            raise PipelineConfigError(f"swd.anchor must be 'teacher', 'fixed' or 'previous', got {swd['anchor']!r}")
+        if swd.get("mask_range") is not None:
+            from nemo_automodel_bard.diffusion.noise import check_level_range
+
+            try:
+                check_level_range(swd["mask_range"])
+            except ValueError as exc:
+                raise PipelineConfigError(f"swd.mask_range: {exc}") from None
         for student in swd["student_block_sizes"]:
             _positive_int(student, "swd.student_block_sizes[]")
             if student <= teacher:
@@ -120,9 +153,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     if threads is not None:
         _positive_int(threads, "threads")
 
-    if cfg["data"].get("kind") == "shapes":
-        from nemo_automodel_bard.data.shapes import ANSWER_ORDERS
-
+    if cfg["data"].get("kind") in PROCEDURAL_DATA:
         size = cfg["data"].get("train_size", "auto")
         if size not in (None, "auto"):
             _positive_int(size, "data.train_size")
@@ -130,6 +161,9 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 "self_distill" in stages and cfg["self_distill"].get("max_steps") is None):
             raise PipelineConfigError("data.train_size=auto sizes each stage's fresh data by its steps; stages that "
                                       "train by epochs (max_steps null) need an integer data.train_size")
+
+    if cfg["data"].get("kind") == "shapes":
+        from nemo_automodel_bard.data.shapes import ANSWER_ORDERS
 
         if cfg["data"].get("order", "reading") not in ANSWER_ORDERS:
             raise PipelineConfigError(f"data.order must be one of {ANSWER_ORDERS}, got {cfg['data'].get('order')!r}")
@@ -140,6 +174,12 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
             raise PipelineConfigError(f"evaluate.thresholds: {threshold!r} is not a confidence threshold in (0, 1]")
     for key in ("num_samples", "batch_size", "max_new_tokens"):
         _positive_int(evaluate.get(key), f"evaluate.{key}")
+    if evaluate.get("split", "test") not in ("test", "validation"):
+        raise PipelineConfigError(f"evaluate.split must be 'test' or 'validation', got {evaluate.get('split')!r}")
+    for key in ("speed_samples", "speed_repeats"):
+        value = evaluate.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PipelineConfigError(f"evaluate.{key} must be an integer >= 0, got {value!r}")
     if evaluate.get("denoising_steps") is not None:
         _positive_int(evaluate["denoising_steps"], "evaluate.denoising_steps")
     from nemo_automodel_bard.decoding.unmasking import UnmaskingRule
@@ -162,8 +202,9 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     if not recipe_dir.is_dir():
         raise PipelineConfigError(f"model.recipe_dir: {recipe_dir} does not exist")
     init = model.get("init")
-    if init and not Path(str(init)).exists() and not _HUB_ID.match(str(init)):
-        raise PipelineConfigError(f"model.init: checkpoint path {init!r} does not exist (and is not a hub id)")
+    _check_init(init, "model.init")
+    if "teacher" in stages:
+        _check_init(model.get("teacher_init"), "model.teacher_init")
     if not init and "ar_pretrain" in stages and not (recipe_dir / cfg["ar_pretrain"]["recipe"]).exists():
         raise PipelineConfigError(f"ar_pretrain.recipe: {recipe_dir / cfg['ar_pretrain']['recipe']} does not exist")
     needed = {"pbm": [cfg["pbm"]["recipe"]], "swd": [swd["recipe"]],
@@ -202,8 +243,9 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                 first = "; ".join(f"record {i}: {r}" for i, r in unusable[:3])
                 print(f"[bard-vl] data.eval_path: {len(unusable)} of {len(records) + len(unusable)} held-out records "
                       f"cannot be evaluated and are left out (listed in the report): {first}", flush=True)
-    elif data["kind"] != "shapes":
-        raise PipelineConfigError(f"data.kind must be 'shapes', 'jsonl', 'energon' or 'hf', got {data['kind']!r}")
+    elif data["kind"] not in PROCEDURAL_DATA:
+        raise PipelineConfigError(f"data.kind must be 'census', 'shapes', 'jsonl', 'energon' or 'hf', got "
+                                  f"{data['kind']!r}")
 
     if "self_distill" in stages:
         distill = cfg["self_distill"]
@@ -228,7 +270,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise PipelineConfigError(f"self_distill.threshold must be in [0, 1], got {threshold!r}")
 
-    requires = {"ar_init": ["ar_pretrain"], "pbm": ["ar_init"], "swd": ["pbm"], "evaluate": ["ar_init"],
+    requires = {"ar_init": [] if cfg["model"].get("init") else ["ar_pretrain"], "pbm": ["ar_init"], "swd": ["pbm"], "evaluate": ["ar_init"],
                 "report": ["evaluate"],
                 "self_distill": ["swd" if cfg.get("self_distill", {}).get("source") == "swd_kd" else "pbm"]}
     for stage in stages:
@@ -238,6 +280,21 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
                     f"stage {stage!r} needs the outputs of {need!r}, which is neither in stages={stages} nor "
                     f"recorded in the manifest of this work_dir; add it to stages"
                 )
+
+
+def _check_init(init: Any, key: str) -> None:
+    """A given AR model: a shipped parent (``parent:NAME``, checksums verified), a directory or a hub id."""
+    if not init:
+        return
+    from nemo_automodel_bard.fixtures.parents import PARENT_PREFIX, ParentError, resolve_init
+
+    if str(init).startswith(PARENT_PREFIX):
+        try:
+            resolve_init(str(init))
+        except ParentError as exc:
+            raise PipelineConfigError(f"{key}: {exc}") from None
+    elif not Path(str(init)).exists() and not _HUB_ID.match(str(init)):
+        raise PipelineConfigError(f"{key}: checkpoint path {init!r} does not exist (and is not a hub id)")
 
 
 def _validate_data_source(data: dict, stages: list, cfg_swd_cache: bool = False) -> None:
