@@ -47,7 +47,7 @@ def test_help_is_fast_and_lists_stages_groups_and_keys():
     for stage in STAGE_ORDER:
         assert re.search(rf"^  {stage}\s+\S", out, re.M), stage
     assert "model     qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b | tiny (default)" in out
-    assert "pbm.block_sizes=[2, 4, 8, 16, 32]" in out and "evaluate.thresholds=[0.9, 0.7]" in out
+    assert "pbm.block_sizes=[2, 4, 8, 16, 32]" in out and "evaluate.thresholds=[0.9]" in out
 
 
 def test_help_imports_neither_torch_nor_hydra():

@@ -371,3 +371,21 @@ def test_shapes_dataset_offset_reads_fresh_samples_and_seeds_noise_by_task_index
         shifted[4]
     with pytest.raises(ValueError, match="offset"):
         ShapesChatDataset(split="train", size=4, offset=-1)
+
+
+def test_level_range_bounds_the_masked_share_of_every_block(tiny_processor):
+    from nemo_automodel_bard.data.census import census_dataset
+
+    ds = census_dataset("train", size=8, seed=0)
+    collator = BardVLCollator(processor=tiny_processor, block_size=16, level_range=[0.1, 0.5])
+    batch = collator([ds[i] for i in range(8)])
+    mask_id = collator.mask_token_id
+    shares = []
+    for row in range(8):
+        _, _, noisy = _segments(batch, row)
+        ids = batch["input_ids"][row, noisy].reshape(-1, 16)
+        shares += ((ids == mask_id).float().mean(dim=1)).tolist()
+    # each token is masked with its block's level (drawn in [0.1, 0.5], mean 0.3): the shares scatter around it
+    assert 0.2 < sum(shares) / len(shares) < 0.4 and min(shares) > 0.0
+    with pytest.raises(ValueError, match="complementary=True cannot be combined with level_range"):
+        BardVLCollator(processor=tiny_processor, block_size=4, level_range=[0.1, 0.5], complementary=True)

@@ -244,3 +244,14 @@ def test_sample_generator_seed_is_stable():
     assert sample_generator(1234, 2, 17).initial_seed() == 1793208196249773195
     seeds = {sample_generator(0, 0, i).initial_seed() for i in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_level_range_maps_levels_affinely():
+    s = stratified_times(6, _gen(5))
+    levels, weights = sample_block_levels(6, _gen(5), level_range=(0.1, 0.5))
+    torch.testing.assert_close(levels, 0.1 + 0.4 * s)
+    torch.testing.assert_close(weights, 1 / levels)
+    assert float(levels.min()) >= 0.1 and float(levels.max()) <= 0.5
+    for bad in ((0.0, 0.5), (0.6, 0.5), (0.1, 1.5), "x", (0.1,)):
+        with pytest.raises(ValueError, match="level_range"):
+            sample_block_levels(2, _gen(0), level_range=bad)

@@ -15,6 +15,7 @@ from nemo_automodel_bard.pipeline.app import config_dir, run_pipeline
 from nemo_automodel_bard.pipeline.validate import PipelineConfigError
 
 SMOKE_OVERRIDES = [
+    "data=shapes",  # the quick run: pre-trains its own AR model (the census main job: test_census_pipeline.py)
     "ar_pretrain.max_steps=4",
     "ar_pretrain.vision_warmup_steps=2",
     "pbm.block_sizes=[2,4,8]",
@@ -44,7 +45,7 @@ def _config(tmp_path: Path, overrides: list[str]):
     [
         (["stages=[ar_init,bogus]"], "unknown stage"),
         (["pbm.block_sizes=[4,2,8]"], "strictly increasing"),
-        (["swd.teacher_block_size=16", "swd.student_block_sizes=[8]", "pbm.block_sizes=[2,4,8,16]"],
+        (["swd.anchor=fixed", "swd.teacher_block_size=16", "swd.student_block_sizes=[8]", "pbm.block_sizes=[2,4,8,16]"],
          "must be smaller than the student's"),
         (["model.init=/no/such/checkpoint"], "does not exist"),
         (["stages=[pbm]"], "needs the outputs of 'ar_init'"),
@@ -52,8 +53,8 @@ def _config(tmp_path: Path, overrides: list[str]):
         (["pbm.max_steps=[10,10]"], r"2 entries for 5 block sizes"),
         (["pbm.max_steps=[10,10,0,10,10]"], r"pbm.max_steps\[\] must be a positive integer"),
         (["pbm.first_stage_steps=0"], r"pbm.first_stage_steps must be a positive integer"),
-        (["data.order=sorted"], r"data.order must be one of \('reading', 'random', 'subset'\)"),
-        (["swd.anchor_path=/no/such/anchor"], r"swd.anchor_path: /no/such/anchor is not an exported model directory"),
+        (["data=shapes", "data.order=sorted"], r"data.order must be one of \('reading', 'random', 'subset'\)"),
+        (["swd.anchor=fixed", "swd.anchor_path=/no/such/anchor"], r"swd.anchor_path: /no/such/anchor is not an exported model directory"),
         (["evaluate.device=gpu0"], r"evaluate.device: 'gpu0' is not a device"),
         (["+swd.student_init={32: 64}"], r"swd.student_init: the B=32 student cannot start from B=64: no PBM stage"),
         (["swd.control=[yes]"], r"swd.control must be true, false or a list of student block sizes, got \['yes'\]"),

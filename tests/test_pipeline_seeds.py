@@ -40,7 +40,7 @@ def _ctx(tmp_path: Path, overrides: list[str]) -> stages.Context:
 def test_default_config_pins_threads_and_names_the_seed_in_the_work_dir():
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=["seed=2"])
-    assert cfg.threads == 2 and cfg.work_dir == "runs/tiny-shapes/seed2" and cfg.data.train_size == "auto"
+    assert cfg.threads == 2 and cfg.work_dir == "runs/tiny-census/seed2" and cfg.data.train_size == "auto"
 
 
 def test_streams_get_their_own_seeds_and_fresh_images(tmp_path):
@@ -74,7 +74,7 @@ def test_ar_stage_seeds_initialisation_and_vision_warmup(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "_train", fake)
     for seed in (0, 1):
-        stages.stage_ar_pretrain(_ctx(tmp_path, [f"seed={seed}"]))
+        stages.stage_ar_pretrain(_ctx(tmp_path, ["data=shapes", f"seed={seed}"]))
     assert seen[0]["model.init_seed"] != seen[1]["model.init_seed"]
     assert seen[0]["model.vision_warmup.seed"] != seen[1]["model.vision_warmup.seed"]
     assert seen[0]["model.vision_warmup.data_offset"] != seen[1]["model.vision_warmup.data_offset"]
@@ -83,8 +83,8 @@ def test_ar_stage_seeds_initialisation_and_vision_warmup(tmp_path, monkeypatch):
 
 def test_swd_student_and_control_see_the_same_stream(tmp_path, monkeypatch):
     runs = record_training(monkeypatch)
-    ctx = _ctx(tmp_path, ["swd.student_block_sizes=[16]", "swd.anchor_extra_steps=5", "swd.control=true",
-                          "swd.student_init=null"])
+    ctx = _ctx(tmp_path, ["data=shapes", "swd.student_block_sizes=[16]", "swd.anchor_extra_steps=5",
+                          "swd.control=true", "swd.student_init=null"])
     ctx.outputs["pbm"] = {"b4_dir": str(tmp_path / "b4"), "b16_dir": str(tmp_path / "b16")}
     stages.stage_swd(ctx)
     anchor, kd, control = runs
@@ -94,9 +94,33 @@ def test_swd_student_and_control_see_the_same_stream(tmp_path, monkeypatch):
         assert anchor[key] != kd[key], key  # the anchor's extra steps read other images
 
 
-def test_default_swd_students_start_from_the_named_pbm_exports_and_controls_follow_the_list(tmp_path, monkeypatch):
+def test_default_swd_is_the_released_configuration(tmp_path, monkeypatch):
+    """The main job: the teacher stage's B=4 model teaches; each student starts from its own PBM block size;
+    every student has its no-KD control on the same stream; blocks are masked 10-50 % as published."""
     runs = record_training(monkeypatch)
-    ctx = _ctx(tmp_path, [])  # default: students B=16 (from PBM B=32) and B=32, a control for B=32 only
+    ctx = _ctx(tmp_path, [])
+    ctx.outputs["pbm"] = {f"b{b}_dir": str(tmp_path / f"b{b}") for b in (4, 16, 32)}
+    ctx.outputs["teacher"] = {"model_dir": str(tmp_path / "teacher_b4"), "block_size": 4}
+    result = stages.stage_swd(ctx)
+    inits = [(r["dataloader.collate_fn.block_size"], r["bard.kd_weight"] > 0, r["model.pretrained_model_name_or_path"])
+             for r in runs]
+    assert inits == [(16, True, str(tmp_path / "b16")), (16, False, str(tmp_path / "b16")),
+                     (32, True, str(tmp_path / "b32")), (32, False, str(tmp_path / "b32"))]
+    for r in runs:
+        assert r["teacher_model.pretrained_model_name_or_path"] == str(tmp_path / "teacher_b4")
+        assert r["bard.teacher_block_size"] == 4 and r["dataloader.collate_fn.level_range"] == [0.1, 0.5]
+        assert (r["bard.kd_top_k"], r["bard.kd_direction"], r["bard.kd_temperature"]) == (16, "forward", 1.0)
+        assert r["bard.ce_weight"] == 1.0 and r["bard.kd_weight"] in (0.0, 0.5)
+    assert {"kd_b16_dir", "ce_b16_dir", "kd_b32_dir", "ce_b32_dir"} <= set(result)
+    assert result["anchor_dir"] == str(tmp_path / "teacher_b4")
+    ctx.outputs.pop("teacher")
+    with pytest.raises(ValueError, match="swd.anchor=teacher needs the teacher stage"):
+        stages.stage_swd(ctx)
+
+
+def test_shapes_swd_students_start_from_the_named_pbm_exports_and_controls_follow_the_list(tmp_path, monkeypatch):
+    runs = record_training(monkeypatch)
+    ctx = _ctx(tmp_path, ["data=shapes"])  # students B=16 (from PBM B=32) and B=32, a control for B=32 only
     ctx.outputs["pbm"] = {f"b{b}_dir": str(tmp_path / f"b{b}") for b in (4, 16, 32)}
     result = stages.stage_swd(ctx)
     inits = [(r["dataloader.collate_fn.block_size"], r["bard.kd_weight"] > 0, r["model.pretrained_model_name_or_path"])
@@ -109,7 +133,7 @@ def test_default_swd_students_start_from_the_named_pbm_exports_and_controls_foll
     runs.clear()
     other = tmp_path / "other"  # (same work_dir: the B=32 student would be reused, its fingerprint unchanged)
     other.mkdir()
-    ctx = _ctx(other, ["swd.student_init=null", "swd.control=false"])
+    ctx = _ctx(other, ["data=shapes", "swd.student_init=null", "swd.control=false"])
     ctx.outputs["pbm"] = {f"b{b}_dir": str(tmp_path / f"b{b}") for b in (4, 16, 32)}
     stages.stage_swd(ctx)
     assert [r["model.pretrained_model_name_or_path"] for r in runs] == [str(tmp_path / "b16"), str(tmp_path / "b32")]

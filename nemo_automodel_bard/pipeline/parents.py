@@ -65,9 +65,10 @@ def build_parent(name: str, work_dir: str | Path, install: bool = False, eval_sa
                  steps: int = BUILD_STEPS, trained: str | Path | None = None) -> dict[str, Any]:
     """Build (or take ``trained``, a finished run directory of the same overrides), evaluate on the validation
     split and write ``parent.json``; with ``install`` copy the export into the package. Returns the record."""
-    from .environment import environment
+    from .environment import environment, pin_threads
     from .evaluate import evaluate_model, heldout_records
 
+    pin_threads(BUILD_THREADS)
     started = time.perf_counter()
     run = Path(trained) if trained is not None else run_build(name, Path(work_dir) / name, steps)
     export = run / "final"
