@@ -82,14 +82,13 @@ def _messages(i: int, image_url: str | None = "data") -> list[dict]:
 
 
 def _expected(loaded, i: int, **options) -> tuple[str, dict]:
-    """What model.generate answers for pair ``i`` alone (the same processing path; a separate prefill, as the
-    server prefills each request on its own before it joins the running batch)."""
+    """What model.generate answers for pair ``i`` alone (the same processing path, the same fused prefill)."""
     model, processor = loaded
     prompt, _, pic = TOY_PAIRS[i]
     content = [{"type": "image", "image": toy_picture(*pic)}] if pic else []
     content.append({"type": "text", "text": prompt})
     inputs = encode_messages(processor, [{"role": "user", "content": content}])
-    ids, stats = model.generate(inputs, return_step_stats=True, fused_prefill=False, **options)
+    ids, stats = model.generate(inputs, return_step_stats=True, **options)
     return processor.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True), stats
 
 

@@ -22,8 +22,8 @@ def _inputs(processor, i: int, with_image: bool = True):
 
 
 def _alone(model, inputs, **options):
-    """``generate`` alone with a separate prefill (the batcher prefills each request before it joins)."""
-    ids, stats = model.generate(inputs, return_step_stats=True, fused_prefill=False, **options)
+    """``generate`` alone (batch 1)."""
+    ids, stats = model.generate(inputs, return_step_stats=True, **options)
     return ids[0].tolist(), stats
 
 
@@ -106,9 +106,29 @@ def test_cancel_queue_bound_and_bad_input(loaded):
         assert batcher.thread.is_alive()
     finally:
         batcher.shutdown()
+
+
+@pytest.mark.parametrize("variant", [dict(revise=True), dict(eos_exit=False), dict(fused_commit=False),
+                                     dict(fused_prefill=False)])
+def test_every_engine_rule_is_served_identically(loaded, variant):
+    """Revision, no end-of-answer exit, separate commit and separate prefill: the batcher drives the engine's
+    block run, so each gives ``generate``'s tokens, step counts and forwards, also for a request joining mid-flight."""
+    model, processor = loaded
+    common = dict(block_size=4, denoising_steps=4, confidence_threshold=0.9, max_new_tokens=24, **variant)
+    cases = [0, 1, 2]
+    alone = [_alone(model, _inputs(processor, i), **common) for i in cases]
     batcher = ContinuousBatcher(model)
     try:
-        with pytest.raises(ValueError, match="revision"):
-            batcher.submit(_request(model, _inputs(processor, 2), revise=True))
+        requests = [_request(model, _inputs(processor, i), **common) for i in cases]
+        started = threading.Event()
+        requests[0].on_block = lambda ids, finished: started.set()
+        batcher.submit(requests[0])
+        assert started.wait(60)
+        for request in requests[1:]:
+            batcher.submit(request)
+        for request, (ids, stats) in zip(requests, alone):
+            assert request.wait(120) == ids
+            assert request.stats["block_step_counts"] == stats["block_step_counts"]
+            assert request.stats["forwards"] == stats["forwards_per_sample"][0]
     finally:
         batcher.shutdown()
