@@ -82,8 +82,12 @@ def test_several_images_a_video_and_chat(tiny_model_dir, tmp_path):
 
 def test_bad_input_is_refused_clearly(tiny_model_dir, tmp_path, capsys):
     cases = [
-        (["--prompt", "x", "--block-size", "0"], "block_size must be a positive integer"),
-        (["--prompt", "x", "--remasking-strategy", "best"], "unknown remasking_strategy"),
+        (["--prompt", "x", "--block-size", "0"], "--block-size must be >= 1, got 0"),
+        (["--prompt", "x", "--block-size", "1024"], "--block-size must be <= 256, got 1024"),
+        (["--prompt", "x", "--block-size", "4", "--denoising-steps", "8"], "--denoising-steps must be <= --block-size (4)"),
+        (["--prompt", "x", "--top-p", "x"], "--top-p must be a number, got 'x'"),
+        (["--prompt", "x", "--revise", "maybe"], "--revise must be true or false"),
+        (["--prompt", "x", "--remasking-strategy", "best"], "unknown --remasking-strategy 'best'"),
         (["--prompt", "x", "--image", str(tmp_path / "missing.png")], "no such file"),
         ([], "give --prompt"),
     ]

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-#: decoding options a user may set as model_args (None = the checkpoint's generation config)
-DECODING_ARGS = ("max_new_tokens", "block_size", "denoising_steps", "confidence_threshold", "remasking_strategy",
-                 "temperature", "top_k", "top_p", "fused_commit", "fused_prefill", "eos_exit")
+from nemo_automodel_bard.decoding.schema import DECODING_NAMES, parse_options
+
+#: decoding options a user may set as model_args (None = the checkpoint's generation config): the decoding schema's
+DECODING_ARGS = DECODING_NAMES
 
 
 @dataclass
@@ -108,7 +109,7 @@ class BatchedBardVL:
         if fps is not None:
             self.video_kwargs["fps"] = float(fps)
         self.stats_path = Path(stats_path) if stats_path else None
-        self.decoding = {k: v for k, v in decoding.items() if v is not None}
+        self.decoding = parse_options(decoding, strings=True)  # "block_size=16" arrives as text or as a number
         from nemo_automodel_bard.models.bard_vl.generation_bard_vl import resolve_generate_options
 
         self.defaults = resolve_generate_options(self.model, **self.decoding)  # refuse bad model_args now
