@@ -56,7 +56,7 @@ def test_model_args_win_and_stop_strings_cut(loaded, toy_model_dir):
     bard = BatchedBardVL(str(toy_model_dir), batch_size=2, model=model, processor=processor, system_prompt="",
                          max_new_tokens=8, denoising_steps=2)
     options, stops = bard.options_for({"max_new_tokens": 64, "temperature": 0, "until": ["\n\n", "blue"]})
-    assert options == {"max_new_tokens": 8, "temperature": 0.0, "denoising_steps": 2} and stops == ["\n\n", "blue"]
+    assert options == {"max_new_tokens": 8, "temperature": 0.0, "denoising_steps": 2} and stops == ["blue"]
     bard = BatchedBardVL(str(toy_model_dir), batch_size=2, model=model, processor=processor, system_prompt="")
     results = bard.generate(_items(1, max_new_tokens=48, until="blue"))
     assert results[0]["text"] == TOY_PAIRS[0][1].split("blue")[0].strip()
@@ -64,6 +64,60 @@ def test_model_args_win_and_stop_strings_cut(loaded, toy_model_dir):
         BatchedBardVL(str(toy_model_dir), model=model, processor=processor, blocksize=4)
     with pytest.raises(ValueError, match="unknown remasking_strategy"):
         BatchedBardVL(str(toy_model_dir), model=model, processor=processor, remasking_strategy="nope")
+
+
+def test_process_placement_follows_the_launcher():
+    """Each process of ``accelerate launch`` / ``torchrun`` gets its local rank's GPU and its rank (lmms-eval shards
+    requests by rank); the CPU stays the CPU; a rank without a GPU is refused."""
+    from nemo_automodel_bard.evaluation.batched import Placement, process_placement
+
+    assert process_placement(None, {}, cuda_devices=0) == Placement("cpu", 0, 1, 0)
+    assert process_placement("cuda", {}, cuda_devices=2) == Placement("cuda:0", 0, 1, 0)
+    launched = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert process_placement("cuda", launched, cuda_devices=4) == Placement("cuda:1", 5, 8, 1)
+    assert process_placement("cuda:0", launched, cuda_devices=4).device == "cuda:1"  # not everyone on one GPU
+    assert process_placement("cpu", launched, cuda_devices=4) == Placement("cpu", 5, 8, 1)
+    assert process_placement("cuda:1", {}, cuda_devices=2).device == "cuda:1"  # one process: as asked
+    with pytest.raises(ValueError, match="local rank 3 has no GPU: 2 visible"):
+        process_placement(None, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, cuda_devices=2)
+
+
+def test_batch_size_auto_is_refused_clearly(loaded, toy_model_dir):
+    from nemo_automodel_bard.evaluation.batched import parse_batch_size
+
+    assert parse_batch_size("8") == 8 and parse_batch_size(2) == 2
+    for value in ("auto", "auto:4"):
+        with pytest.raises(ValueError, match="does not size batches automatically.*--batch_size N"):
+            parse_batch_size(value)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        parse_batch_size(0)
+    model, processor = loaded
+    with pytest.raises(ValueError, match="automatically"):
+        BatchedBardVL(str(toy_model_dir), model=model, processor=processor, batch_size="auto")
+
+
+def test_longest_questions_first_and_images_capped(loaded, toy_model_dir):
+    from PIL import Image
+
+    from nemo_automodel_bard.evaluation.batched import DEFAULT_MAX_PIXELS
+
+    model, processor = loaded
+    bard = BatchedBardVL(str(toy_model_dir), batch_size=2, model=model, processor=processor, system_prompt="",
+                         block_size=4, max_new_tokens=8)
+    seen = []
+    batch = bard._batch
+    bard._batch = lambda items, *rest: seen.append([len(i.context) for i in items]) or batch(items, *rest)
+    items = _items(5, max_new_tokens=8)
+    results = bard.generate(items)
+    lengths = [len(i.context) for i in items]
+    assert sum(seen, []) == sorted(lengths, reverse=True)  # batches of similar lengths, longest first
+    assert len(results) == 5 and all(r is not None for r in results)
+    # images are capped at lmms-eval's Qwen3-VL bound by default (a 3 MP picture would pass uncapped)
+    assert bard.image_kwargs == {"max_pixels": DEFAULT_MAX_PIXELS}
+    item = EvalItem(context="Describe.", visuals=[Image.new("RGB", (2000, 1500), (200, 30, 30))])
+    grid = bard.encode([bard.messages_for(item)])["image_grid_thw"][0]
+    patch = processor.image_processor.patch_size
+    assert 0 < int(grid.prod()) * patch * patch <= DEFAULT_MAX_PIXELS < 2000 * 1500
 
 
 def test_entry_point_is_declared():
