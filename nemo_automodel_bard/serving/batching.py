@@ -30,6 +30,7 @@ Only dense attention (SDPA / eager) is supported here (the server loads the mode
 from __future__ import annotations
 
 import collections
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,12 +181,10 @@ def _record_block(member: _Member, row: list[int], n_steps: int, batch: int, blo
     return finished or request.cancelled
 
 
-class _Joining:
-    """A request's prefill and first block, decoded alone by the engine (``generate`` at batch 1)."""
-
-    def __init__(self, model: Any, request: Request, generator: torch.Generator | None) -> None:
-        param = next(model.parameters())
-        device, dtype = param.device, param.dtype
+def _stack_prompts(requests: list[Request], pad_token_id: int, device: torch.device) -> dict[str, Any]:
+    """One left-padded batch of several requests' unpadded processor outputs (pixel inputs in row order)."""
+    rows = []
+    for request in requests:
         data = _model_inputs(request.inputs, {}, device)
         ids = data["input_ids"]
         if ids.shape[0] != 1:
@@ -193,25 +192,79 @@ class _Joining:
         mask = data.get("attention_mask")
         if mask is not None and not bool(mask.bool().all()):
             raise ValueError("a request's prompt must not be padded")
+        rows.append(data)
+    if len(rows) == 1:
+        return rows[0]
+    width = max(r["input_ids"].shape[1] for r in rows)
+
+    def left(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([tensor.new_full((1, width - tensor.shape[1]), value), tensor], dim=1)
+
+    out = {"input_ids": torch.cat([left(r["input_ids"], pad_token_id) for r in rows]),
+           "attention_mask": torch.cat([left(torch.ones_like(r["input_ids"]), 0) for r in rows])}
+    if any(r.get("mm_token_type_ids") is not None for r in rows):
+        out["mm_token_type_ids"] = torch.cat([
+            left(r["mm_token_type_ids"] if r.get("mm_token_type_ids") is not None else torch.zeros_like(r["input_ids"]), 0)
+            for r in rows])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        present = [r[key] for r in rows if r.get(key) is not None]
+        if present:
+            out[key] = torch.cat(present, dim=0)
+    return out
+
+
+class _Joining:
+    """The prefill and first block of requests that start together with the same options, decoded by the engine
+    as one ``generate`` batch (left-padded; each row's tokens are those of ``generate`` alone)."""
+
+    def __init__(self, model: Any, requests: list[Request], generator: torch.Generator | None) -> None:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        opts = requests[0].options
+        data = _stack_prompts(requests, opts.pad_token_id, device)
         check_model_inputs(model, data)
-        self.request, self.started_at = request, time.perf_counter()
-        self.key = cohort_key(request.options)
-        self.dec = _BlockDecoder(model, data, request.options, device, dtype, generator)
+        self.requests, self.started_at = requests, time.perf_counter()
+        self.key = cohort_key(opts)
+        longest = max(r.options.max_new_tokens for r in requests)  # capacity only: each row keeps its own bound
+        joint = copy.copy(opts)
+        joint.max_new_tokens = longest
+        self.dec = _BlockDecoder(model, data, joint, device, dtype, generator)
         self.dec.prefill()
-        self.run: BlockRun = self.dec.start_block(0, torch.zeros(1, dtype=torch.bool, device=device), None)
+        self.run: BlockRun = self.dec.start_block(0, torch.zeros(len(requests), dtype=torch.bool, device=device), None)
 
     def step(self) -> bool:
         return self.run.step()
 
-    def member(self) -> tuple[_Member, bool]:
-        """The request as a cohort member after its first block, and whether it already ended."""
-        dec, opts = self.dec, self.request.options
+    def members(self) -> tuple[list[_Member], list[bool]]:
+        """The requests as cohort members after their first block, and which of them already ended."""
+        dec = self.dec
         dec.end_block(self.run)
-        member = _Member(request=self.request, start=int(dec.response_start[0]), num_blocks=dec.num_blocks,
-                         prefill_forwards=dec.forwards["prefill"] - int(opts.fused_prefill), started_at=self.started_at)
-        ended = _record_block(member, self.run.block[0].tolist(), int(self.run.steps_per_sample()[0]), 1, dec.B)
-        member.pending = self.run.block[0]
-        return member, ended
+        steps = self.run.steps_per_sample().tolist()
+        rows = self.run.block.tolist()
+        prefill = dec.forwards["prefill"] - int(dec.opts.fused_prefill)
+        members, ended = [], []
+        for i, request in enumerate(self.requests):
+            member = _Member(request=request, start=int(dec.response_start[i]), prefill_forwards=prefill,
+                             num_blocks=-(-request.options.max_new_tokens // dec.B), started_at=self.started_at)
+            ended.append(_record_block(member, rows[i], steps[i], len(self.requests), dec.B))
+            member.pending = self.run.block[i]
+            members.append(member)
+        return members, ended
+
+    def rows(self, keep: list[int]) -> tuple[Any, torch.Tensor]:
+        """The cache rows ``keep`` (the prompts' K/V) and which of their keys are real, leading padding cut."""
+        cache, valid = self.dec.cache, self.dec.valid
+        if len(keep) != valid.shape[0]:
+            index = torch.tensor(keep, device=valid.device)
+            valid = valid.index_select(0, index)
+            for layer in _layers(cache):
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        first = int(valid.any(0).nonzero()[0])
+        if first:
+            valid = valid[:, first:]
+            for layer in _layers(cache):
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        return cache, valid
 
 
 class _Cohort:
@@ -230,24 +283,21 @@ class _Cohort:
         self.run: BlockRun | None = None
 
     # ------------------------------------------------------------------------------ joining
-    def add(self, member: _Member, cache: Any) -> None:
-        """Append a member's cache rows (at a block boundary), left-padding the shorter side."""
-        length = _layers(cache)[0].keys.shape[-2]
-        valid = torch.ones(1, length, dtype=torch.bool, device=self.device)
+    def add(self, members: list[_Member], cache: Any, valid: torch.Tensor) -> None:
+        """Append members' cache rows (at a block boundary; ``valid``: which of their keys are real, padding
+        on the left), left-padding the shorter side."""
         if self.cache is None:
             self.cache, self.key_valid = cache, valid
         else:
-            cached = self.key_valid.shape[1]
+            cached, length = self.key_valid.shape[1], valid.shape[1]
             width = max(cached, length)
             for mine, theirs in zip(_layers(self.cache), _layers(cache)):
                 mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
                 mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
-            pad_mine = self.key_valid.new_zeros(self.key_valid.shape[0], width - cached)
-            pad_new = valid.new_zeros(1, width - length)
-            self.key_valid = torch.cat(
-                [torch.cat([pad_mine, self.key_valid], 1), torch.cat([pad_new, valid], 1)], dim=0
-            )
-        self.members.append(member)
+            self.key_valid = torch.cat([torch.cat([self.key_valid.new_zeros(self.key_valid.shape[0], width - cached),
+                                                   self.key_valid], 1),
+                                        torch.cat([valid.new_zeros(valid.shape[0], width - length), valid], 1)], dim=0)
+        self.members.extend(members)
 
     # ------------------------------------------------------------------------------ leaving
     def retire(self, keep: list[int]) -> None:
@@ -361,7 +411,7 @@ class ContinuousBatcher:
         self.max_positions, self.timeout = max_positions, timeout
         self.waiting: collections.deque[Request] = collections.deque()
         self.joining: list[_Joining] = []
-        self.ready: dict[tuple, list[tuple[_Member, Any]]] = {}
+        self.ready: dict[tuple, list[tuple[list[_Member], Any, torch.Tensor]]] = {}
         self.cohorts: dict[tuple, _Cohort] = {}
         self.lock = threading.Condition()
         self.stopped = False
@@ -410,8 +460,8 @@ class ContinuousBatcher:
         return len(self._running_requests())
 
     def _running_requests(self) -> list[Request]:
-        requests = [j.request for j in list(self.joining)]
-        requests += [m.request for ready in list(self.ready.values()) for m, _ in list(ready)]
+        requests = [r for j in list(self.joining) for r in j.requests]
+        requests += [m.request for ready in list(self.ready.values()) for group, _, _ in list(ready) for m in group]
         requests += [m.request for c in list(self.cohorts.values()) for m in list(c.members)]
         return requests
 
@@ -465,11 +515,21 @@ class ContinuousBatcher:
                 taken = self._take_waiting()
                 if self.stopped:
                     break
-                for request in taken:
+                groups: dict[tuple, list[Request]] = {}
+                for request in taken:  # requests that start together with the same options share a batch
+                    groups.setdefault((cohort_key(request.options), request.options.fused_prefill), []).append(request)
+                for group in groups.values():
                     try:
-                        self.joining.append(_Joining(self.model, request, self._generator()))
+                        self.joining.append(_Joining(self.model, group, self._generator()))
                     except Exception as exc:  # noqa: BLE001 - a bad prompt fails only its own request
-                        _fail(request, exc)
+                        if len(group) == 1:
+                            _fail(group[0], exc)
+                            continue
+                        for request in group:  # find it: each on its own
+                            try:
+                                self.joining.append(_Joining(self.model, [request], self._generator()))
+                            except Exception as single:  # noqa: BLE001
+                                _fail(request, single)
                 self.peak_running = max(self.peak_running, self.running)
                 self._expire()
                 self._round()
@@ -493,28 +553,32 @@ class ContinuousBatcher:
                 self.forwards_run += 1
                 if done:
                     self.joining.remove(joining)
-                    member, ended = joining.member()
-                    if ended:
-                        member.request.stats = _member_stats(member, joining.request.options)
-                        _complete(member.request)
-                    else:
-                        self.ready.setdefault(joining.key, []).append((member, joining.dec.cache))
-            except Exception as exc:  # noqa: BLE001 - fails only this request
+                    members, ended = joining.members()
+                    for member, end in zip(members, ended):
+                        if end:
+                            member.request.stats = _member_stats(member, member.request.options)
+                            _complete(member.request)
+                    keep = [i for i, end in enumerate(ended) if not end]
+                    if keep:
+                        cache, valid = joining.rows(keep)
+                        self.ready.setdefault(joining.key, []).append(([members[i] for i in keep], cache, valid))
+            except Exception as exc:  # noqa: BLE001 - fails only these requests
                 if joining in self.joining:
                     self.joining.remove(joining)
-                _fail(joining.request, exc)
+                for request in joining.requests:
+                    _fail(request, exc)
             finally:
                 self.busy = False
         for key in list(self.ready):
             if key not in self.cohorts:
-                member = self.ready[key][0][0]
+                member = self.ready[key][0][0][0]
                 self.cohorts[key] = _Cohort(self.model, member.request.options, self._generator())
         for key, cohort in list(self.cohorts.items()):
             self.busy = True
             try:
                 if cohort.run is None:  # a block boundary: the ready requests join, then the next block starts
-                    for member, cache in self.ready.pop(key, []):
-                        cohort.add(member, cache)
+                    for members, cache, valid in self.ready.pop(key, []):
+                        cohort.add(members, cache, valid)
                     cohort.start_block()
                 ended = cohort.step()
                 self.forwards_run += 1
