@@ -4,17 +4,17 @@ Requests that decode with the same options (block size, steps, rule, threshold, 
 *cohort*) share one batch and one KV cache. This module decides who runs when; every forward, mask and
 commit decision comes from :mod:`nemo_automodel_bard.decoding.engine`:
 
-* **joining**: a new request runs the engine's fused prefill and its first block on its own (exactly
-  ``generate``'s first block at batch 1, :meth:`~nemo_automodel_bard.decoding.engine._BlockDecoder.start_block`),
-  then its cache rows are appended to its cohort's cache at the cohort's next block boundary, left-padded with
-  keys no query may see;
+* **joining**: requests that start in the same round with the same options run the engine's fused prefill and
+  first block together, as one left-padded ``generate`` batch
+  (:meth:`~nemo_automodel_bard.decoding.engine._BlockDecoder.start_block`), then their cache rows are appended to
+  their cohort's cache at the cohort's next block boundary, left-padded with keys no query may see;
 * **blocks**: a cohort denoises the next block of all its members with one engine
   :class:`~nemo_automodel_bard.decoding.engine.BlockRun` (the fused commit of each member's previous block,
   masks from the engine's visibility-rule mask builder, :func:`~nemo_automodel_bard.decoding.engine.block_inputs`);
 * **retiring**: a request whose block held its EOS, that reached its ``max_new_tokens``, that was cancelled or
   ran past its deadline leaves at the end of the block; its cache rows are dropped, and cache columns that no
   remaining request can see are cut;
-* **turns**: every running unit (a cohort's block, a joining request's first block) takes **one denoising
+* **turns**: every running unit (a cohort's block, joining requests' first block) takes **one denoising
   forward per round**, so a cohort with long blocks does not hold back a short request;
 * **admission**: a global bound on running requests and on the KV positions they may reach (prompt plus
   ``max_new_tokens`` rounded up to whole blocks), over all cohorts; beyond them requests wait in a bounded queue.
