@@ -365,3 +365,29 @@ def test_video_from_the_media_root_and_inline(client, media_root):
         assert reply.usage.prompt_tokens > text_only + 4  # the frames' tokens are in the prompt
         answers.append(reply.choices[0].message.content)
     assert answers[0] == answers[1]
+
+
+def test_short_soak_of_mixed_traffic(served, loaded):
+    """A short version of benchmarks/serve_soak.py: 15 s at concurrency 16 of valid requests with varied options
+    (streaming and not, images inline and from the media root), clients that go away, malformed bodies, oversized
+    images and bad options: no 5xx, nothing hung, every valid answer equal to ``generate``'s."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("serve_soak", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    pairs = [(p, toy_picture(*pic) if pic else None) for p, _, pic in TOY_PAIRS]
+    answers = {(i, v): _expected(loaded, i, max_new_tokens=soak.MAX_TOKENS, **variant)[0]
+               for i in range(len(pairs)) for v, variant in enumerate(soak.VARIANTS)}
+    oversized = soak.data_url(toy_picture(300, 300, (1, 2, 3)))
+    result = soak.run_soak(served[1].base, NAME, pairs, lambda i, v: answers[i, v], seconds=15, concurrency=16,
+                           media_file="red.png", oversized=oversized)
+    counts = result["counts"]
+    assert not counts.get("5xx") and not counts.get("hung") and not counts.get("mismatch"), result
+    assert not result["problems"], result["problems"]
+    assert counts["answered"] > 20 and counts.get("bad0:400") and counts.get("bad1:413") and counts.get("bad2:400")
+    deadline = time.time() + 30
+    while served[0].batcher.running and time.time() < deadline:  # the clients that went away leave their batches
+        time.sleep(0.1)
+    assert served[0].batcher.running == 0 and served[0].batcher.queued == 0
