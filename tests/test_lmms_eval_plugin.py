@@ -149,3 +149,46 @@ def test_lmms_eval_runs_the_tiny_task_end_to_end(toy_model_dir, tmp_path):
     report = json.loads(stats.read_text().splitlines()[-1])
     assert report["samples"] == 6 and report["batches"] == 3 and report["tokens_per_forward"] > 0.5
     assert "tokens/forward" in done.stdout
+
+
+def test_one_path_from_a_chat_to_model_inputs(loaded, toy_model_dir, tmp_path):
+    """The server (OpenAI parts: inline images, a video below the media root), ``infer`` and the evaluation encode
+    the same chat with two images and a video into identical model inputs: one function does it for all."""
+    import base64
+    import io
+
+    import torch
+
+    from nemo_automodel_bard.demo import write_demo_video
+    from nemo_automodel_bard.serving.prompt import encode_messages
+    from nemo_automodel_bard.serving.server import BardServer, ServeConfig
+
+    model, processor = loaded
+    images = [toy_picture(64, 64, (200, 30, 30)), toy_picture(128, 96, (30, 200, 30))]
+    video = write_demo_video(tmp_path / "clip.mp4")
+    question = "What differs?"
+    # infer: its chat goes straight to encode_messages
+    reference = encode_messages(processor, [{"role": "user", "content": [
+        *({"type": "image", "image": image} for image in images), {"type": "video", "video": str(video)},
+        {"type": "text", "text": question}]}])
+
+    def data_url(image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    server = BardServer(model, processor, ServeConfig(model_name="m", media_root=tmp_path))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": [
+            *({"type": "image_url", "image_url": {"url": data_url(image)}} for image in images),
+            {"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": question}]}]}
+        served = server.prepare(body).inputs
+    finally:
+        server.close()
+    bard = BatchedBardVL(str(toy_model_dir), model=model, processor=processor, system_prompt="", max_num_frames=768)
+    evaluated = bard.encode([bard.messages_for(EvalItem(context=question, visuals=[*images, str(video)]))])
+    for inputs in (served, evaluated):
+        assert sorted(inputs) == sorted(reference)
+        for key, value in reference.items():
+            assert torch.equal(inputs[key], value), key
+    assert reference["pixel_values_videos"].numel() and reference["image_grid_thw"].shape[0] == 2

@@ -214,21 +214,10 @@ class BatchedBardVL:
         return messages + [{"role": "user", "content": content}]
 
     def encode(self, conversations: list[list[dict[str, Any]]]) -> dict[str, Any]:
-        """One left-padded processor batch of several conversations."""
-        from nemo_automodel_bard.serving.prompt import has_media
+        """One left-padded processor batch of several conversations (the server's and ``infer``'s encoding)."""
+        from nemo_automodel_bard.serving.prompt import encode_chats
 
-        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        images = videos = None
-        video_kwargs: dict[str, Any] = {}
-        if any(has_media(c) for c in conversations):
-            from qwen_vl_utils import process_vision_info
-
-            images, videos, video_kwargs = process_vision_info(
-                conversations, return_video_kwargs=True, return_video_metadata=False,
-                image_patch_size=self.processor.image_processor.patch_size,
-            )
-        batch = self.processor(text=texts, images=images, videos=videos, padding=True, return_tensors="pt", **video_kwargs)
-        return dict(batch)
+        return encode_chats(self.processor, conversations, padding=True)
 
     # ------------------------------------------------------------------------------ run
     def generate(self, items: list[EvalItem], progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
