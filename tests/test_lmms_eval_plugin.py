@@ -192,3 +192,69 @@ def test_one_path_from_a_chat_to_model_inputs(loaded, toy_model_dir, tmp_path):
         for key, value in reference.items():
             assert torch.equal(inputs[key], value), key
     assert reference["pixel_values_videos"].numel() and reference["image_grid_thw"].shape[0] == 2
+
+
+def test_plugin_under_a_two_process_launch_without_lmms_eval(loaded, toy_model_dir, monkeypatch):
+    """The plugin's glue with stand-ins for lmms-eval's base class and accelerate (neither can be installed here):
+    rank 1 of 2 reports its rank and world size (lmms-eval shards requests by them), hands lmms-eval the
+    Accelerator, keeps --device cpu, refuses --batch_size auto, and answers with token counts."""
+    import dataclasses
+    import importlib
+    import types
+
+    class Lmms:
+        def __init__(self) -> None:
+            self._rank, self._world_size = 0, 1
+            self.cache_hook = types.SimpleNamespace(add_partial=lambda *args: None)
+
+    @dataclasses.dataclass
+    class TokenCounts:
+        input_tokens: int
+        output_tokens: int
+
+    @dataclasses.dataclass
+    class GenerationResult:
+        text: str
+        token_counts: TokenCounts
+
+    class Accelerator:
+        process_index, num_processes, local_process_index = 1, 2, 1
+
+    stubs = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+             "lmms_eval.api.instance": types.ModuleType("lmms_eval.api.instance"),
+             "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"), "accelerate": types.ModuleType("accelerate")}
+    stubs["lmms_eval.api.instance"].Instance = types.SimpleNamespace
+    stubs["lmms_eval.api.instance"].GenerationResult = GenerationResult
+    stubs["lmms_eval.api.instance"].TokenCounts = TokenCounts
+    stubs["lmms_eval.api.model"].lmms = Lmms
+    stubs["accelerate"].Accelerator = Accelerator
+    if importlib.util.find_spec("loguru") is None:  # an lmms-eval dependency
+        stubs["loguru"] = types.ModuleType("loguru")
+        stubs["loguru"].logger = types.SimpleNamespace(info=lambda *args: None)
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import nemo_automodel_bard.evaluation as evaluation
+
+    name = "nemo_automodel_bard.evaluation.lmms_eval_plugin"  # imported against the stand-ins, forgotten afterwards
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    del sys.modules[name]
+    monkeypatch.setattr(evaluation, "lmms_eval_plugin", None, raising=False)
+    plugin = importlib.import_module(name)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    model, processor = loaded
+    monkeypatch.setattr("nemo_automodel_bard.serving.prompt.load_for_inference", lambda *args: (model, processor))
+    with pytest.raises(ValueError, match="automatically"):
+        plugin.BardVL(str(toy_model_dir), device="cpu", batch_size="auto")
+    bard = plugin.BardVL(str(toy_model_dir), device="cpu", batch_size="2", block_size=4, system_prompt="")
+    assert (bard.rank, bard.world_size, bard.device, bard.batch_size) == (1, 2, "cpu", 2)
+    assert isinstance(bard.accelerator, Accelerator)
+    docs = {k: {"picture": toy_picture(*pic) if pic else None} for k, (_, _, pic) in enumerate(TOY_PAIRS)}
+    bard.task_dict = {"toy": {"test": docs}}
+    requests = [types.SimpleNamespace(args=(prompt, {"max_new_tokens": 48, "until": ["\n\n"]},
+                                            lambda doc: [doc["picture"]], k, "toy", "test"))
+                for k, (prompt, _, _) in enumerate(TOY_PAIRS)]
+    results = bard.generate_until(requests)
+    assert [r.text for r in results] == [answer for _, answer, _ in TOY_PAIRS]
+    assert all(r.token_counts.output_tokens > 0 for r in results)
