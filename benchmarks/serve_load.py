@@ -77,26 +77,13 @@ def write_ar_copy(bard_dir: Path, out: Path) -> Path:
 
 
 def _bard_server(model_dir: Path, max_batch: int):
-    import uvicorn
-
     from nemo_automodel_bard.serving.prompt import load_for_inference
     from nemo_automodel_bard.serving.server import BardServer, ServeConfig
 
     model, processor = load_for_inference(model_dir, device="cpu")
     server = BardServer(model, processor, ServeConfig(model_name="bench", max_batch=max_batch, max_queue=1024))
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-
-    def stop() -> None:
-        uv.should_exit = True
-        thread.join(30)
-        server.close()
-
-    return f"http://127.0.0.1:{port}/v1", "bench", stop
+    base, stop = server.start_background()
+    return base + "/v1", "bench", stop
 
 
 def _ar_server(ar_dir: Path, continuous: bool, threads: int, python: str):

@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    import uvicorn
     from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -219,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs[0][1].save(media / "first.png")
     server = BardServer(model, processor, ServeConfig(model_name="soak", media_root=media, max_tokens_limit=64,
                                                       max_image_pixels=256 * 256, max_queue=256))
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+    base, stop = server.start_background()
     oversized = data_url(Image.new("RGB", (300, 300), (1, 2, 3)))
     kwargs = dict(media_file="first.png", oversized=oversized, rss=rss_mib)
     try:
@@ -233,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_soak(base, "soak", pairs, lambda i, v: answers[i, v], seconds=args.seconds,
                           concurrency=args.concurrency, **kwargs)
     finally:
-        uv.should_exit = True
-        thread.join(30)
-        server.close()
+        stop()
     result["warmup"] = warm["counts"]
     result["rss_growth"] = result["rss_end_mib"] / result["rss_start_mib"] - 1
     print(json.dumps(result, indent=2))

@@ -125,6 +125,28 @@ class BardServer:
     def close(self) -> None:
         self.batcher.shutdown()
 
+    def start_background(self, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> tuple[str, Any]:
+        """Serve in a uvicorn thread of this process (tests, benchmarks): returns ``(base URL, stop)``; ``port=0``
+        picks a free port, ``stop()`` ends the server and the batcher."""
+        import uvicorn
+
+        uv = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=uv.run, name="bard-vl-http", daemon=True)
+        thread.start()
+        deadline = time.time() + timeout
+        while not uv.started:
+            if not thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.05)
+        bound = uv.servers[0].sockets[0].getsockname()[1]
+
+        def stop() -> None:
+            uv.should_exit = True
+            thread.join(30)
+            self.close()
+
+        return f"http://{host}:{bound}", stop
+
     # ------------------------------------------------------------------------------ request -> inputs
     def _media(self, part: dict, kind: str, where: str, temp_files: list[str]) -> dict[str, Any]:
         field_name = f"{kind}_url"
