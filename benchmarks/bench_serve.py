@@ -18,7 +18,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,24 +32,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _serve(model, processor, max_batch: int):
-    import uvicorn
-
     from nemo_automodel_bard.serving.server import BardServer, ServeConfig
 
     server = BardServer(model, processor, ServeConfig(model_name="bench", max_batch=max_batch, max_queue=1024))
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-
-    def stop() -> None:
-        uv.should_exit = True
-        thread.join(30)
-        server.close()
-
-    return f"http://127.0.0.1:{port}/v1", stop
+    base, stop = server.start_background()
+    return base + "/v1", stop
 
 
 def _run(base: str, prompts: list[str], concurrency: int, max_tokens: int, block_size: int) -> dict:

@@ -96,3 +96,47 @@ def test_denoising_and_commit_masks_are_the_training_rule(flex, k, kind):
     expected = visibility(*row)[:, queries, :]
     assert _seen(mask).shape == expected.shape
     assert torch.equal(_seen(mask), expected)
+
+
+def test_server_cohort_masks_are_the_training_rule():
+    """A server cohort holds requests with different prompt lengths at different blocks in one left-padded cache;
+    the masks of its block run (fused commit of each member's pending block + its next noisy block, then the
+    steady steps) are the training rule on each member's own row."""
+    from nemo_automodel_bard.decoding.engine import DecodingOptions
+    from nemo_automodel_bard.serving.batching import _Cohort, _Member
+
+    model = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), uses_flex_attention=False)
+    opts = DecodingOptions(max_new_tokens=64, block_size=B, denoising_steps=B, temperature=0.0, top_k=0, top_p=1.0,
+                           remasking_strategy="low_confidence_dynamic", confidence_threshold=0.9, mask_token_id=9,
+                           eos_token_ids=(1,), pad_token_id=1)
+    cohort = _Cohort(model, opts, None)
+    prompts, done = [5, 7, 3], [1, 3, 2]  # each member's prompt length and blocks decoded (the last one pending)
+    cached = [p + (d - 1) * B for p, d in zip(prompts, done)]  # its pending block is not in the cache yet
+    width = max(cached)
+    cohort.key_valid = torch.arange(width)[None, :] >= (width - torch.tensor(cached))[:, None]
+    cohort.members = [_Member(request=None, start=p, num_blocks=8, prefill_forwards=0, blocks_done=d,
+                              pending=torch.full((B,), 3)) for p, d in zip(prompts, done)]
+    cohort.start_block()
+
+    def row(i: int, clean_blocks: int) -> tuple[torch.Tensor, ...]:
+        """Member ``i``'s training row ``[left pad | prompt | clean blocks | noisy block]``."""
+        pad, prompt = width - cached[i], prompts[i]
+        width_clean = clean_blocks * B
+        token_type = torch.tensor([int(TokenType.PAD)] * pad + [int(TokenType.PROMPT)] * prompt
+                                  + [int(TokenType.CLEAN)] * width_clean + [int(TokenType.NOISY)] * B)
+        valid = torch.tensor([False] * pad + [True] * prompt)
+        block_ids = torch.cat([prompt_block_ids(valid, B),
+                               response_block_ids(prompt, torch.arange(width_clean + B), B)])
+        doc_ids = torch.cat([torch.where(valid, 0, PAD_DOC_ID), torch.zeros(width_clean + B, dtype=torch.int64)])
+        return token_type, block_ids, doc_ids
+
+    first, steady = cohort.run.inputs["attention_mask"], cohort.run.steady["attention_mask"]
+    for i in range(len(prompts)):
+        fused = visibility(*row(i, done[i]))[0, -2 * B:, :]  # queries: pending clean block, noisy block
+        assert torch.equal(_seen(first)[i], fused)
+        later = visibility(*row(i, done[i]))[0, -B:, :]  # queries: the noisy block over the cache with the pending one
+        assert torch.equal(_seen(steady)[i], later)
+    # positions: the pending block right after the earlier blocks, the noisy block after it
+    positions = cohort.run.inputs["position_ids"][0]
+    for i, (p, d) in enumerate(zip(prompts, done)):
+        assert positions[i].tolist() == list(range(p + (d - 1) * B, p + (d + 1) * B))

@@ -376,6 +376,7 @@ def test_inner_loop_is_batched_without_host_syncs():
 
     functions = {
         "denoise_block": engine._BlockDecoder.denoise_block,
+        "BlockRun.step": engine.BlockRun.step,
         "propose_tokens": unmasking.propose_tokens,
         "select_commits": unmasking.select_commits,
     }
@@ -385,7 +386,7 @@ def test_inner_loop_is_batched_without_host_syncs():
         assert not re.search(r"\bfor\b .* \bin\b", code), f"{name} has a Python for-loop"
         assert ".cpu(" not in code and "numpy(" not in code, name
     # the single per-step sync is the "is this block done for everyone" check
-    assert _code_without_docstrings(engine._BlockDecoder.denoise_block).count("bool(") == 1
+    assert _code_without_docstrings(engine.BlockRun.step).count("bool(") == 1
 
 
 def test_block_diffusion_generate_is_the_model_generate(model, toy):

@@ -82,8 +82,12 @@ def test_several_images_a_video_and_chat(tiny_model_dir, tmp_path):
 
 def test_bad_input_is_refused_clearly(tiny_model_dir, tmp_path, capsys):
     cases = [
-        (["--prompt", "x", "--block-size", "0"], "block_size must be a positive integer"),
-        (["--prompt", "x", "--remasking-strategy", "best"], "unknown remasking_strategy"),
+        (["--prompt", "x", "--block-size", "0"], "--block-size must be >= 1, got 0"),
+        (["--prompt", "x", "--block-size", "1024"], "--block-size must be <= 256, got 1024"),
+        (["--prompt", "x", "--block-size", "4", "--denoising-steps", "8"], "--denoising-steps must be <= --block-size (4)"),
+        (["--prompt", "x", "--top-p", "x"], "--top-p must be a number, got 'x'"),
+        (["--prompt", "x", "--revise", "maybe"], "--revise must be true or false"),
+        (["--prompt", "x", "--remasking-strategy", "best"], "unknown --remasking-strategy 'best'"),
         (["--prompt", "x", "--image", str(tmp_path / "missing.png")], "no such file"),
         ([], "give --prompt"),
     ]
@@ -93,3 +97,28 @@ def test_bad_input_is_refused_clearly(tiny_model_dir, tmp_path, capsys):
         assert message in err.getvalue(), err.getvalue()
     assert cli_main(["infer", str(tmp_path), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_one_decoding_options_table_behind_flags_fields_and_model_args():
+    """``infer``'s flags, the server's request fields and the lmms-eval model_args are all derived from the decoding
+    schema, whose every name is a keyword of the engine."""
+    import inspect
+
+    from nemo_automodel_bard.decoding.engine import block_diffusion_generate
+    from nemo_automodel_bard.decoding.schema import DECODING_NAMES, DECODING_OPTIONS, parse_options
+    from nemo_automodel_bard.evaluation.batched import DECODING_ARGS
+    from nemo_automodel_bard.serving import server
+    from nemo_automodel_bard.serving.infer import build_parser
+
+    assert set(DECODING_NAMES) <= set(inspect.signature(block_diffusion_generate).parameters)
+    actions = {a.dest: a for a in build_parser()._actions}
+    for opt in DECODING_OPTIONS:
+        assert actions[opt.name].option_strings == [opt.flag] and opt.help in actions[opt.name].help
+        assert opt.request_field in server._KNOWN_FIELDS
+    assert set(server.BARD_FIELDS) | set(server._OPENAI_DECODING) == {o.request_field for o in DECODING_OPTIONS}
+    assert DECODING_ARGS == DECODING_NAMES
+    # text from a command line or model_args converts; bounds and cross-checks are the same everywhere
+    assert parse_options({"block_size": "16", "revise": "true", "top_p": "0.5"}, strings=True) == \
+        {"block_size": 16, "revise": True, "top_p": 0.5}
+    with pytest.raises(TypeError, match="unknown decoding options \\['blocksize'\\]"):
+        parse_options({"blocksize": 4})

@@ -82,14 +82,13 @@ def _messages(i: int, image_url: str | None = "data") -> list[dict]:
 
 
 def _expected(loaded, i: int, **options) -> tuple[str, dict]:
-    """What model.generate answers for pair ``i`` alone (the same processing path; a separate prefill, as the
-    server prefills each request on its own before it joins the running batch)."""
+    """What model.generate answers for pair ``i`` alone (the same processing path, the same fused prefill)."""
     model, processor = loaded
     prompt, _, pic = TOY_PAIRS[i]
     content = [{"type": "image", "image": toy_picture(*pic)}] if pic else []
     content.append({"type": "text", "text": prompt})
     inputs = encode_messages(processor, [{"role": "user", "content": content}])
-    ids, stats = model.generate(inputs, return_step_stats=True, fused_prefill=False, **options)
+    ids, stats = model.generate(inputs, return_step_stats=True, **options)
     return processor.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True), stats
 
 
@@ -219,7 +218,7 @@ def test_malformed_requests_get_clear_4xx(served, client):
     assert httpx.get(base + "/health").json()["status"] == "ok"  # still serving
 
 
-def test_full_queue_answers_429(loaded):
+def test_full_queue_answers_429_before_any_media_work(loaded):
     model, processor = loaded
     server = BardServer(model, processor, ServeConfig(model_name=NAME, max_queue=0))
     running = _Running(server)
@@ -227,6 +226,125 @@ def test_full_queue_answers_429(loaded):
         busy = openai.OpenAI(base_url=running.base + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.RateLimitError, match="busy"):
             busy.chat.completions.create(model=NAME, messages=_messages(2), max_tokens=4)
+        # an unreadable image still gets the 429: the queue is checked before any image is decoded
+        broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}},
+                                               {"type": "text", "text": "x"}]}]
+        assert _status(running.base, {"model": NAME, "messages": broken})[0] == 429
+        # cheap checks still come first: a bad option is a 400 even when the queue is full
+        assert _status(running.base, {"model": NAME, "messages": broken, "block_size": 0})[0] == 400
+    finally:
+        running.stop()
+        server.close()
+
+
+def test_bounds_on_block_size_steps_and_kv_positions(client, served, loaded):
+    base = served[1].base
+    text = [{"role": "user", "content": "How many shapes are there?"}]
+    cases = [
+        ({"block_size": 4096}, 400, "block_size must be <= 256, got 4096"),
+        ({"block_size": 4, "denoising_steps": 8}, 400, "denoising_steps must be <= block_size (4), got 8"),
+        ({"denoising_steps": 4096}, 400, "denoising_steps must be <= 256"),
+        ({"revise": "yes"}, 400, "revise must be true or false"),
+        ({"max_completion_tokens": 65}, 400, "max_completion_tokens must be <= 64"),
+    ]
+    for extra, status, message in cases:
+        got, text_ = _status(base, {"model": NAME, "messages": text, **extra})
+        assert (got, message in text_) == (status, True), (extra, text_)
+    model, processor = loaded
+    server = BardServer(model, processor, ServeConfig(model_name=NAME, max_positions=64))
+    running = _Running(server)
+    try:
+        got, message = _status(running.base, {"model": NAME, "messages": text, "max_tokens": 60, "block_size": 32})
+        assert got == 413 and "more than the server's bound of 64" in message
+    finally:
+        running.stop()
+        server.close()
+    # every rule of the engine is a request field, and answers like generate
+    expected, stats = _expected(loaded, 1, max_new_tokens=24, block_size=4, revise=True, eos_exit=False)
+    reply = client.chat.completions.create(model=NAME, messages=_messages(1), max_tokens=24,
+                                           extra_body={"block_size": 4, "revise": True, "eos_exit": False})
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.model_extra["bard"]["forwards"] == stats["forwards_total"]
+
+
+def test_media_paths_edge_cases_are_4xx(client, served, loaded, media_root):
+    from PIL import Image
+
+    base = served[1].base
+    expected, _ = _expected(loaded, 0, max_new_tokens=40)
+    for url in ("r%65d.png", "file://" + str(media_root / "r%65d.png"), "file://localhost" + str(media_root / "red.png")):
+        reply = client.chat.completions.create(model=NAME, messages=_messages(0, image_url=url), max_tokens=40)
+        assert reply.choices[0].message.content == expected, url  # %-encoded paths are decoded
+    eps = media_root / "drawing.eps"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    with Image.open(eps) as probe:  # what PIL would hand to Ghostscript without the allow-list
+        assert probe.format == "EPS"
+    cases = [
+        ("red\x00.png", 400, "NUL byte"),
+        ("red%00.png", 400, "NUL byte"),
+        ("a/" * 2500 + "red.png", 400, "more than 1024"),
+        ("%2e%2e/%2e%2e/%2e%2e/etc/passwd", 403, "outside the allowed media root"),
+        ("file://" + str(media_root) + "/%2e%2e" * 8 + "/etc/hostname", 403, "outside the allowed media root"),
+        ("file://%2e%2e/red.png", 400, "must name a local file"),
+        ("file://example.com/red.png", 400, "must name a local file"),
+        ("%ff%fe.png", 400, "not valid UTF-8"),
+        ("drawing.eps", 400, "allowed format"),
+        ("missing.png", 400, "no such file"),
+    ]
+    for url, status, message in cases:
+        got, text = _status(base, {"model": NAME, "messages": _messages(0, image_url=url), "max_tokens": 4})
+        assert (got, message in text) == (status, True), (url[:40], got, text)
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+
+
+class _Slow:
+    """A model whose forwards take at least ``delay`` seconds (everything else is the model's)."""
+
+    def __init__(self, model, delay: float) -> None:
+        self._model, self._delay = model, delay
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self._delay)
+        return self._model(*args, **kwargs)
+
+
+def test_disconnect_deadline_and_body_timeout(loaded):
+    import socket
+
+    model, processor = loaded
+    server = BardServer(_Slow(model, 0.3), processor,
+                        ServeConfig(model_name=NAME, request_timeout=2.0, body_timeout=0.5, max_tokens_limit=64))
+    submitted = []
+    submit = server.batcher.submit
+    server.batcher.submit = lambda request: submitted.append(request) or submit(request)
+    running = _Running(server)
+    body = {"model": NAME, "messages": _messages(1), "max_tokens": 64, "block_size": 1, "eos_exit": False}
+    try:
+        # a non-streaming client that goes away: its request stops decoding (leaves at the end of its block)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.base + "/v1/chat/completions", json=body, timeout=0.8)
+        assert submitted[0].done.wait(3) and submitted[0].cancelled and server.disconnected == 1
+        assert len(submitted[0].tokens) < 10 and submitted[0].stats["cancelled"]
+        # a request past its deadline: 504 naming it, soon after the deadline
+        started = time.perf_counter()
+        got, message = _status(running.base, body)
+        assert (got, "deadline of 2 s" in message) == (504, True), message
+        assert time.perf_counter() - started < 3.5
+        # a body that never arrives: 408 after the body timeout
+        with socket.create_connection(("127.0.0.1", int(running.base.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            reply = ""
+            while not reply.endswith("}}"):
+                piece = sock.recv(4096).decode()
+                if not piece:
+                    break
+                reply += piece
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+        assert server.batcher.thread.is_alive() and server.batcher.running == 0
     finally:
         running.stop()
         server.close()
@@ -247,3 +365,29 @@ def test_video_from_the_media_root_and_inline(client, media_root):
         assert reply.usage.prompt_tokens > text_only + 4  # the frames' tokens are in the prompt
         answers.append(reply.choices[0].message.content)
     assert answers[0] == answers[1]
+
+
+def test_short_soak_of_mixed_traffic(served, loaded):
+    """A short version of benchmarks/serve_soak.py: 15 s at concurrency 16 of valid requests with varied options
+    (streaming and not, images inline and from the media root), clients that go away, malformed bodies, oversized
+    images and bad options: no 5xx, nothing hung, every valid answer equal to ``generate``'s."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("serve_soak", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    pairs = [(p, toy_picture(*pic) if pic else None) for p, _, pic in TOY_PAIRS]
+    answers = {(i, v): _expected(loaded, i, max_new_tokens=soak.MAX_TOKENS, **variant)[0]
+               for i in range(len(pairs)) for v, variant in enumerate(soak.VARIANTS)}
+    oversized = soak.data_url(toy_picture(300, 300, (1, 2, 3)))
+    result = soak.run_soak(served[1].base, NAME, pairs, lambda i, v: answers[i, v], seconds=15, concurrency=16,
+                           media_file="red.png", oversized=oversized)
+    counts = result["counts"]
+    assert not counts.get("5xx") and not counts.get("hung") and not counts.get("mismatch"), result
+    assert not result["problems"], result["problems"]
+    assert counts["answered"] > 20 and counts.get("bad0:400") and counts.get("bad1:413") and counts.get("bad2:400")
+    deadline = time.time() + 30
+    while served[0].batcher.running and time.time() < deadline:  # the clients that went away leave their batches
+        time.sleep(0.1)
+    assert served[0].batcher.running == 0 and served[0].batcher.queued == 0

@@ -337,6 +337,7 @@ class _BlockDecoder:
         self.revision_forwards = torch.zeros((), dtype=torch.long, device=device)
         self._empty = torch.empty(0, dtype=torch.long, device=device)
         self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt positions/blocks awaiting a fused prefill
+        self.prefill_run = False  # the running block's first forward is the fused prefill
         # flat logits rows of the noisy block, for q = B (separate) and q = 2B (fused first step)
         rows = torch.arange(self.batch, device=device)[:, None]
         self.noisy_rows = {
@@ -404,17 +405,9 @@ class _BlockDecoder:
 
     def commit(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """The published separate commit forward: write a finished block's K/V, no logits."""
-        B = self.B
-        self.model(
-            input_ids=tokens,
-            attention_mask=self.masks.step(self.cached, B, 0),
-            position_ids=positions[None].expand(3, self.batch, B),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_positions=self._empty,
-        )
+        commit_block(self.model, self.cache, self.masks, self.cached, tokens, positions)
         self.forwards["commit"] += 1
-        self.cached += B
+        self.cached += self.B
 
     def steps_per_sample(self, histories: list[list[torch.Tensor]]) -> torch.Tensor:
         """Denoising steps per block and sample ``[batch, blocks]`` from the per-step histories (a few ops in all)."""
@@ -434,8 +427,8 @@ class _BlockDecoder:
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """Denoise block ``k``; ``pending`` = tokens of the finished block ``k - 1`` to write first (fused).
 
-        Everything here is batched tensor work — about a dozen small ops per step besides the
-        forward; the only host sync is the "anyone still working on this block" check.
+        Runs :meth:`start_block`'s :class:`BlockRun` to the end (one forward per :meth:`BlockRun.step`);
+        the only host sync per step is the run's "anyone still working on this block" check.
 
         Returns:
             ``(tokens [batch, B], history, committed_at [batch, B] | None, confidence [batch, B] | None)``:
@@ -443,91 +436,166 @@ class _BlockDecoder:
             positions ``[batch, B]``, or ``[batch]`` with revision; see :meth:`steps_per_sample`);
             the last two only with ``record``.
         """
-        opts, B, batch, rule = self.opts, self.B, self.batch, self.rule
-        model, cache, masks, revise = self.model, self.cache, self.masks, opts.revise
+        run = self.start_block(k, finished, pending, record)
+        while not run.step():
+            pass
+        self.end_block(run)
+        return run.block, run.history, run.committed_at, run.confidence
+
+    def start_block(self, k: int, finished: torch.Tensor, pending: torch.Tensor | None,
+                    record: bool = False) -> "BlockRun":
+        """The :class:`BlockRun` of block ``k`` (the fused prefill with block 0 when it is pending, the fused
+        commit of ``pending`` otherwise); call :meth:`end_block` when it is done."""
+        B, batch = self.B, self.batch
         block = torch.where(finished[:, None], self.pad_block, self.mask_block)
         masked = ~finished[:, None].expand(batch, B)
-        active = ~finished if revise else None
-        positions = self.positions(k)
-        committed_at = confidence = None
-        if record:
-            committed_at = torch.full((batch, B), -1, dtype=torch.long, device=self.device)
-            confidence = torch.zeros(batch, B, dtype=torch.float32, device=self.device)
-        extra = torch.zeros(batch, dtype=torch.long, device=self.device) if revise else None
-        history: list[torch.Tensor] = []  # per step: who was still working (steps per sample, summed at the end)
-        n_clean = B if pending is not None else 0
-        mask = masks.step(self.cached, n_clean, B)
-        pos_ids = positions[None].expand(3, batch, B)
-        if pending is not None:
-            tokens_in = torch.cat([pending, block], dim=1)
-            both = self.response_positions[:, (k - 1) * B : (k + 1) * B]  # blocks k-1 and k are adjacent
-            pos_in = both[None].expand(3, batch, 2 * B)
+        if self._prompt is not None:  # block 0's first step is the fused prefill: the prompt is its clean part
+            first = self._fused_prefill_inputs(block)
+            steady = block_inputs(self.masks, self.prompt_len, self.positions(0))[1]
+            n_clean, self.prefill_run = self.prompt_len, True
         else:
-            tokens_in, pos_in = block, pos_ids
-        # the first step of block 0 with fused prefill: the prompt is that step's clean part (its K/V stay)
-        prefill = self._prompt is not None
-        inputs = None
-        if prefill:
-            inputs, n_clean = self._fused_prefill_inputs(block), self.prompt_len
-        step = 0
-        while True:
-            if inputs is None:
-                inputs = {"input_ids": tokens_in, "attention_mask": mask, "position_ids": pos_in,
-                          "logits_positions": self.noisy_rows[n_clean]}
-            logits = model(**inputs, past_key_values=cache, use_cache=True).logits.view(batch, B, -1)
-            inputs = None
-            _drop_last(cache, B)  # drop the noisy block's K/V; fused clean (prompt or block) K/V stay
-            self.forwards["prefill" if prefill else "denoise"] += 1
-            prefill = False
-            if n_clean:
-                self.cached += n_clean
-                n_clean = 0
-                mask = masks.step(self.cached, 0, B)
-                pos_in = pos_ids
+            clean_pos = self.positions(k - 1) if pending is not None else None
+            first, steady = block_inputs(self.masks, self.cached, self.positions(k), pending, clean_pos)
+            n_clean, self.prefill_run = (B if pending is not None else 0), False
+        self.cached += n_clean  # the clean queries' K/V stay in the cache after the first forward
+        return BlockRun(self.model, self.cache, self.opts, first, steady, block, masked, schedule=self.schedule,
+                        eos=self.eos, generator=self.generator, active=~finished if self.opts.revise else None,
+                        record=record)
 
-            proposal, score, prob = propose_tokens(
-                logits,
-                temperature=opts.temperature,
-                top_k=opts.top_k,
-                top_p=opts.top_p,
-                score=rule.score,
-                generator=self.generator,
-                suppress_token_id=opts.mask_token_id,
-            )
-            k_min = self.schedule[min(step, len(self.schedule) - 1)]
-            commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold,
-                                    budget=rule.budget)
-            if revise:
-                history.append(active)
-                had_masked = masked.any(-1)
-                self.revision_forwards += (~had_masked.any()).long()
-                extra += (active & ~had_masked).long()
-                revised = active[:, None] & ~masked & (proposal != block) & (prob > opts.revision_threshold)
-                update = commit | revised
-            else:
-                history.append(masked)
-                update = commit
-            block = torch.where(update, proposal, block)
-            if record:
-                committed_at = torch.where(update, step, committed_at)
-                confidence = torch.where(update, score, confidence)
-            masked = masked ^ commit  # commit is a subset of masked
-            if opts.eos_exit and not revise:
-                # end of answer: once a sample's block holds a committed EOS with every position before it
-                # committed, nothing after it can reach the output (committed tokens are final), so the
-                # sample stops working on the block -- same output, fewer forwards
-                open_before = (masked.long().cumsum(-1) - masked.long()) > 0
-                closed = (torch.isin(block, self.eos) & ~masked & ~open_before).any(-1)
-                masked = masked & ~closed[:, None]
-            step += 1
-            if revise:
-                active = masked.any(-1) | (revised.any(-1) & (extra < opts.max_revision_steps))
-                working = active.any()
-            else:
-                working = masked.any()
-            if not bool(working):
-                return block, history, committed_at, confidence
-            tokens_in = block
+    def end_block(self, run: "BlockRun") -> None:
+        """Count a finished run's forwards (its first is the prefill with a fused prefill)."""
+        first = "prefill" if self.prefill_run else "denoise"
+        self.forwards[first] += min(run.forwards, 1)
+        self.forwards["denoise"] += max(run.forwards - 1, 0)
+        self.revision_forwards += run.revision_forwards
+        self.prefill_run = False
+
+
+def block_inputs(masks: _MaskBuilder, cached: int, positions: torch.Tensor, pending: torch.Tensor | None = None,
+                 clean_positions: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model inputs of one block's denoising forwards over a cache of ``cached`` keys, masks from ``masks``.
+
+    Returns ``(first, steady)``: ``first`` holds the inputs of the block's first forward without its tokens
+    (with ``pending``, the finished previous block at ``clean_positions`` comes first as clean queries: the
+    fused commit; its ``input_ids`` are the pending tokens then), ``steady`` those of every later step. Rows
+    may sit at different positions (``positions`` is ``[batch, B]``), so the same inputs serve ``generate``
+    and the server's cohorts.
+    """
+    batch, B = positions.shape
+    rows = torch.arange(batch, device=positions.device)[:, None]
+    arange = torch.arange(B, device=positions.device)
+    steady = {"attention_mask": masks.step(cached + (B if pending is not None else 0), 0, B),
+              "position_ids": positions[None].expand(3, batch, B), "logits_positions": (rows * B + arange).reshape(-1)}
+    if pending is None:
+        return dict(steady, attention_mask=masks.step(cached, 0, B)), steady
+    both = torch.cat([clean_positions, positions], dim=1)
+    first = {"clean_ids": pending, "attention_mask": masks.step(cached, B, B),
+             "position_ids": both[None].expand(3, batch, 2 * B), "logits_positions": (rows * 2 * B + B + arange).reshape(-1)}
+    return first, steady
+
+
+def commit_block(model: Any, cache: Any, masks: _MaskBuilder, cached: int, tokens: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+    """The published separate commit forward (``fused_commit=False``): write the finished block ``tokens``
+    ``[batch, B]`` at ``positions`` to the cache of ``cached`` keys, no logits."""
+    batch, B = tokens.shape
+    model(input_ids=tokens, attention_mask=masks.step(cached, B, 0), position_ids=positions[None].expand(3, batch, B),
+          past_key_values=cache, use_cache=True, logits_positions=torch.empty(0, dtype=torch.long, device=tokens.device))
+
+
+class BlockRun:
+    """The denoising of one block for a batch, one forward per :meth:`step`: the decoder's inner loop.
+
+    ``generate`` runs it to the end for each block; the server's batcher steps the runs of several cohorts
+    in turn (one forward each), so that a long block does not hold a short one back. Each step proposes a
+    token per masked position, commits some (:func:`~.unmasking.select_commits`, at least the schedule's
+    minimum), optionally revises committed ones, and ends a sample's block at its end-of-answer (see
+    :class:`DecodingOptions`). Every decision is taken from the sample's own rows.
+
+    Args:
+        first: inputs of the first forward (:func:`block_inputs`, or the fused prefill's with the block's
+            tokens in ``input_ids``); ``steady``: the inputs of every later forward.
+        block, masked: ``[batch, B]`` starting tokens and which of them are still to decode.
+        active: ``[batch]`` samples still decoding (revision only).
+    """
+
+    def __init__(self, model: Any, cache: Any, opts: DecodingOptions, first: dict[str, Any], steady: dict[str, Any],
+                 block: torch.Tensor, masked: torch.Tensor, *, schedule: list[int], eos: torch.Tensor,
+                 generator: torch.Generator | None = None, active: torch.Tensor | None = None,
+                 record: bool = False) -> None:
+        self.model, self.cache, self.opts, self.steady = model, cache, opts, steady
+        self.schedule, self.eos, self.generator = schedule, eos, generator
+        self.block, self.masked, self.active = block, masked, active
+        batch, B = block.shape
+        self.B = B
+        clean = first.pop("clean_ids", None)
+        if "input_ids" not in first:
+            first["input_ids"] = block if clean is None else torch.cat([clean, block], dim=1)
+        self.inputs: dict[str, Any] | None = first
+        self.index = 0  # steps taken
+        self.forwards = 0
+        self.done = False
+        self.history: list[torch.Tensor] = []  # per step: who was still working
+        self.revision_forwards = torch.zeros((), dtype=torch.long, device=block.device)
+        self.extra = torch.zeros(batch, dtype=torch.long, device=block.device) if opts.revise else None
+        self.committed_at = self.confidence = None
+        if record:
+            self.committed_at = torch.full((batch, B), -1, dtype=torch.long, device=block.device)
+            self.confidence = torch.zeros(batch, B, dtype=torch.float32, device=block.device)
+
+    def step(self) -> bool:
+        """One denoising forward and its commits; ``True`` when the block is finished for every sample."""
+        opts, B, rule, revise = self.opts, self.B, self.opts.rule, self.opts.revise
+        block, masked = self.block, self.masked
+        inputs = self.inputs if self.inputs is not None else dict(self.steady, input_ids=block)
+        self.inputs = None
+        batch = block.shape[0]
+        logits = self.model(**inputs, past_key_values=self.cache, use_cache=True).logits.view(batch, B, -1)
+        _drop_last(self.cache, B)  # drop the noisy block's K/V; fused clean (prompt or block) K/V stay
+        self.forwards += 1
+        proposal, score, prob = propose_tokens(logits, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                                               score=rule.score, generator=self.generator,
+                                               suppress_token_id=opts.mask_token_id)
+        k_min = self.schedule[min(self.index, len(self.schedule) - 1)]
+        commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold,
+                                budget=rule.budget)
+        if revise:
+            active = self.active
+            self.history.append(active)
+            had_masked = masked.any(-1)
+            self.revision_forwards += (~had_masked.any()).long()
+            self.extra += (active & ~had_masked).long()
+            revised = active[:, None] & ~masked & (proposal != block) & (prob > opts.revision_threshold)
+            update = commit | revised
+        else:
+            self.history.append(masked)
+            update = commit
+        self.block = block = torch.where(update, proposal, block)
+        if self.committed_at is not None:
+            self.committed_at = torch.where(update, self.index, self.committed_at)
+            self.confidence = torch.where(update, score, self.confidence)
+        masked = masked ^ commit  # commit is a subset of masked
+        if opts.eos_exit and not revise:
+            # end of answer: once a sample's block holds a committed EOS with every position before it
+            # committed, nothing after it can reach the output (committed tokens are final), so the
+            # sample stops working on the block -- same output, fewer forwards
+            open_before = (masked.long().cumsum(-1) - masked.long()) > 0
+            closed = (torch.isin(block, self.eos) & ~masked & ~open_before).any(-1)
+            masked = masked & ~closed[:, None]
+        self.masked = masked
+        self.index += 1
+        if revise:
+            self.active = masked.any(-1) | (revised.any(-1) & (self.extra < opts.max_revision_steps))
+            working = self.active.any()
+        else:
+            working = masked.any()
+        self.done = not bool(working)
+        return self.done
+
+    def steps_per_sample(self) -> torch.Tensor:
+        """Denoising steps each sample took part in ``[batch]``."""
+        flat = torch.stack(self.history)
+        return (flat if self.opts.revise else flat.any(-1)).long().sum(0)
 
 
 def check_model_inputs(model: Any, data: Mapping[str, Any]) -> None:
@@ -764,4 +832,5 @@ def _decode(
     return DecodingResult(sequences=sequences, stats=stats)
 
 
-__all__ = ["BlockCallback", "DecodingOptions", "DecodingResult", "block_diffusion_generate", "resolve_options"]
+__all__ = ["BlockCallback", "BlockRun", "DecodingOptions", "DecodingResult", "block_diffusion_generate", "block_inputs",
+           "commit_block", "resolve_options"]

@@ -9,14 +9,78 @@ run, tokens, forwards and time. :mod:`.lmms_eval_plugin` wraps it in lmms-eval's
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-#: decoding options a user may set as model_args (None = the checkpoint's generation config)
-DECODING_ARGS = ("max_new_tokens", "block_size", "denoising_steps", "confidence_threshold", "remasking_strategy",
-                 "temperature", "top_k", "top_p", "fused_commit", "fused_prefill", "eos_exit")
+from nemo_automodel_bard.decoding.schema import DECODING_NAMES, parse_options
+
+#: decoding options a user may set as model_args (None = the checkpoint's generation config): the decoding schema's
+DECODING_ARGS = DECODING_NAMES
+#: the image size cap of lmms-eval's Qwen3-VL model (pixels per image), our default too
+DEFAULT_MAX_PIXELS = 1605632
+#: stop strings a task may send that would cut answers short; lmms-eval's Qwen3-VL model drops them too
+DROPPED_STOPS = ("\n\n",)
+
+
+@dataclass
+class Placement:
+    """Where one evaluation process runs: its device and its share of the work (lmms-eval shards requests by
+    ``rank`` / ``world_size``)."""
+
+    device: str
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def process_placement(device: str | None = None, env: dict[str, str] | None = None,
+                      cuda_devices: int | None = None) -> Placement:
+    """This process's device and rank under ``accelerate launch`` / ``torchrun`` (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``): with a GPU, ``cuda`` (lmms-eval's default) or no device means ``cuda:<local rank>``, so
+    each process gets its own GPU; several processes given one explicit GPU are moved to their local rank's;
+    ``cpu`` stays on the CPU (several CPU processes share it).
+
+    Raises:
+        ValueError: the local rank has no GPU, or the environment's ranks are not integers.
+    """
+    env = dict(os.environ) if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers, got {env.get('RANK')!r}, "
+                         f"{env.get('WORLD_SIZE')!r}, {env.get('LOCAL_RANK')!r}") from None
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = (device or "cuda").lower()
+    if wanted.startswith("cuda"):
+        if not cuda_devices:
+            wanted = "cpu"
+        elif wanted == "cuda" or world > 1:
+            if local >= cuda_devices:
+                raise ValueError(f"local rank {local} has no GPU: {cuda_devices} visible (one process per GPU)")
+            wanted = f"cuda:{local}"
+    return Placement(device=wanted, rank=rank, world_size=world, local_rank=local)
+
+
+def parse_batch_size(value: Any) -> int:
+    """``--batch_size N``; ``auto`` (lmms-eval's automatic sizing) is refused with a message saying what to pass."""
+    if isinstance(value, str) and value.strip().lower().startswith("auto"):
+        raise ValueError("bard_vl does not size batches automatically (its memory depends on the block size and the "
+                         "images): pass --batch_size N (8 fits a 4B model with B=32 on one 80 GB GPU)")
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size must be a positive integer, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {value!r}")
+    return size
 
 
 @dataclass
@@ -68,7 +132,8 @@ class BatchedBardVL:
         pretrained: local model directory.
         batch_size: prompts per ``generate`` call.
         system_prompt: a system message before every question (``""``: none).
-        min_pixels, max_pixels: image resizing bounds for ``qwen_vl_utils`` (``None``: its defaults).
+        min_pixels, max_pixels: image resizing bounds for ``qwen_vl_utils`` (``max_pixels``: 1605632 as lmms-eval's
+            Qwen3-VL model; ``min_pixels``: qwen_vl_utils's default; ``0``: no bound of ours).
         max_num_frames, fps: video sampling for ``qwen_vl_utils``.
         stats_path: append each run's report as one JSON line to this file.
         **decoding: :data:`DECODING_ARGS` (they win over the task's generation kwargs).
@@ -82,7 +147,7 @@ class BatchedBardVL:
         batch_size: int = 1,
         system_prompt: str | None = "You are a helpful assistant.",
         min_pixels: int | None = None,
-        max_pixels: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_num_frames: int = 32,
         fps: float | None = None,
         stats_path: str | None = None,
@@ -93,8 +158,7 @@ class BatchedBardVL:
         unknown = sorted(set(decoding) - set(DECODING_ARGS))
         if unknown:
             raise TypeError(f"unknown Bard-VL model_args {unknown}; decoding options: {list(DECODING_ARGS)}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        batch_size = parse_batch_size(batch_size)
         if model is None or processor is None:
             from nemo_automodel_bard.serving.prompt import load_for_inference
 
@@ -103,12 +167,12 @@ class BatchedBardVL:
         self.processor.tokenizer.padding_side = "left"
         self.batch_size = int(batch_size)
         self.system_prompt = system_prompt or None
-        self.image_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        self.image_kwargs = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         self.video_kwargs: dict[str, Any] = {"max_frames": int(max_num_frames)}
         if fps is not None:
             self.video_kwargs["fps"] = float(fps)
         self.stats_path = Path(stats_path) if stats_path else None
-        self.decoding = {k: v for k, v in decoding.items() if v is not None}
+        self.decoding = parse_options(decoding, strings=True)  # "block_size=16" arrives as text or as a number
         from nemo_automodel_bard.models.bard_vl.generation_bard_vl import resolve_generate_options
 
         self.defaults = resolve_generate_options(self.model, **self.decoding)  # refuse bad model_args now
@@ -130,7 +194,7 @@ class BatchedBardVL:
         options.update(self.decoding)
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        return options, [u for u in until if isinstance(u, str) and u]
+        return options, [u for u in until if isinstance(u, str) and u and u not in DROPPED_STOPS]
 
     def messages_for(self, item: EvalItem) -> list[dict[str, Any]]:
         visuals = item.visuals() if callable(item.visuals) else (item.visuals or [])
@@ -150,21 +214,10 @@ class BatchedBardVL:
         return messages + [{"role": "user", "content": content}]
 
     def encode(self, conversations: list[list[dict[str, Any]]]) -> dict[str, Any]:
-        """One left-padded processor batch of several conversations."""
-        from nemo_automodel_bard.serving.prompt import has_media
+        """One left-padded processor batch of several conversations (the server's and ``infer``'s encoding)."""
+        from nemo_automodel_bard.serving.prompt import encode_chats
 
-        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        images = videos = None
-        video_kwargs: dict[str, Any] = {}
-        if any(has_media(c) for c in conversations):
-            from qwen_vl_utils import process_vision_info
-
-            images, videos, video_kwargs = process_vision_info(
-                conversations, return_video_kwargs=True, return_video_metadata=False,
-                image_patch_size=self.processor.image_processor.patch_size,
-            )
-        batch = self.processor(text=texts, images=images, videos=videos, padding=True, return_tensors="pt", **video_kwargs)
-        return dict(batch)
+        return encode_chats(self.processor, conversations, padding=True)
 
     # ------------------------------------------------------------------------------ run
     def generate(self, items: list[EvalItem], progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
@@ -179,6 +232,9 @@ class BatchedBardVL:
             groups.setdefault(json.dumps([options, stops], sort_keys=True), []).append(index)
         for key, indices in groups.items():
             options, stops = json.loads(key)
+            # longest questions first (as lmms-eval's models do): similar lengths share a batch, so less padding,
+            # and a batch that does not fit in memory fails at the start; answers go back to their places
+            indices.sort(key=lambda i: -len(items[i].context))
             for begin in range(0, len(indices), self.batch_size):
                 chunk = indices[begin : begin + self.batch_size]
                 for index, result in zip(chunk, self._batch([items[i] for i in chunk], options, stops, run)):
@@ -225,4 +281,5 @@ def format_report(report: dict[str, Any]) -> str:
             f"(B={report['block_size']}, {report['remasking_strategy']}, threshold {report['confidence_threshold']})")
 
 
-__all__ = ["BatchedBardVL", "DECODING_ARGS", "EvalItem", "RunStats", "format_report"]
+__all__ = ["BatchedBardVL", "DECODING_ARGS", "DEFAULT_MAX_PIXELS", "DROPPED_STOPS", "EvalItem", "Placement", "RunStats",
+           "format_report", "parse_batch_size", "process_placement"]

@@ -15,7 +15,7 @@ from typing import Any
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
-from .batched import BatchedBardVL, EvalItem, format_report
+from .batched import BatchedBardVL, EvalItem, format_report, parse_batch_size, process_placement
 
 try:  # lmms-eval >= 0.7 reports per-sample token counts
     from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -38,12 +38,17 @@ class BardVL(lmms):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  max_batch_size: int | None = None, **kwargs: Any) -> None:
         super().__init__()  # max_batch_size (lmms-eval's automatic batch sizing) does not apply: batch_size is used
-        if device in ("cuda", None):
-            import torch
+        batch_size = parse_batch_size(batch_size)  # "auto" is refused with a clear message
+        placement = process_placement(device)
+        self.accelerator = None
+        if placement.world_size > 1:  # accelerate launch: lmms-eval shards by rank and waits on the accelerator
+            from accelerate import Accelerator
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.bard = BatchedBardVL(pretrained, device=device, batch_size=int(batch_size), **kwargs)
-        self._device = device
+            self.accelerator = Accelerator()
+            placement.rank, placement.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._rank, self._world_size = placement.rank, placement.world_size
+        self.bard = BatchedBardVL(pretrained, device=placement.device, batch_size=batch_size, **kwargs)
+        self._device = placement.device
 
     # lmms-eval reads these
     @property
@@ -53,6 +58,14 @@ class BardVL(lmms):
     @property
     def device(self) -> str:
         return self._device
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
 
     @property
     def model(self) -> Any:

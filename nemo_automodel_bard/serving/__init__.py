@@ -3,8 +3,8 @@ and the continuous batcher behind it.
 
 * :mod:`.media` — images and videos of a request (data: URLs, files under an allowed root), with limits;
 * :mod:`.prompt` — chat messages -> processor inputs, incremental detokenisation;
-* :mod:`.batching` — continuous batching at block granularity (requests join at a block boundary and
-  leave when they end), batch-invariant like the decoding engine;
+* :mod:`.batching` — continuous batching, scheduling only (requests join at a block boundary and leave when
+  they end, cohorts take turns per denoising forward, global admission bounds); the decoding is the engine's;
 * :mod:`.infer` — ``bard-vl infer``;
 * :mod:`.server` — ``bard-vl serve`` (needs the ``serve`` extra: FastAPI and uvicorn).
 

@@ -1,25 +1,27 @@
-"""Continuous batching at block granularity for block-diffusion decoding.
+"""Continuous batching for block-diffusion decoding: scheduling only, the decoding is the engine's.
 
 Requests that decode with the same options (block size, steps, rule, threshold, sampling settings: a
-*cohort*) share one batch and one KV cache. The batch advances one block at a time; between two blocks
-the batcher
+*cohort*) share one batch and one KV cache. This module decides who runs when; every forward, mask and
+commit decision comes from :mod:`nemo_automodel_bard.decoding.engine`:
 
-* **admits** waiting requests: each new prompt is prefilled on its own (batch 1, the same forward as
-  ``generate`` at batch 1) and its cache rows are merged into the cohort's cache, left-padded with keys
-  that no query may see;
-* **retires** requests whose block held their EOS, that reached their ``max_new_tokens`` or that were
-  cancelled: their cache rows are dropped, and cache columns that no remaining request can see are cut.
+* **joining**: requests that start in the same round with the same options run the engine's fused prefill and
+  first block together, as one left-padded ``generate`` batch
+  (:meth:`~nemo_automodel_bard.decoding.engine._BlockDecoder.start_block`), then their cache rows are appended to
+  their cohort's cache at the cohort's next block boundary, left-padded with keys no query may see;
+* **blocks**: a cohort denoises the next block of all its members with one engine
+  :class:`~nemo_automodel_bard.decoding.engine.BlockRun` (the fused commit of each member's previous block,
+  masks from the engine's visibility-rule mask builder, :func:`~nemo_automodel_bard.decoding.engine.block_inputs`);
+* **retiring**: a request whose block held its EOS, that reached its ``max_new_tokens``, that was cancelled or
+  ran past its deadline leaves at the end of the block; its cache rows are dropped, and cache columns that no
+  remaining request can see are cut;
+* **turns**: every running unit (a cohort's block, joining requests' first block) takes **one denoising
+  forward per round**, so a cohort with long blocks does not hold back a short request;
+* **admission**: a global bound on running requests and on the KV positions they may reach (prompt plus
+  ``max_new_tokens`` rounded up to whole blocks), over all cohorts; beyond them requests wait in a bounded queue.
 
-A request therefore joins at the next block boundary and leaves when it ends; it never waits for the
-whole batch. Requests with different options go to different cohorts, which take turns block by block.
-
-Within a block the loop is the decoding engine's (:mod:`nemo_automodel_bard.decoding.engine`): fused
-commit (the previous block's K/V are written by the next block's first forward), the engine's
-unmasking rules (:func:`~nemo_automodel_bard.decoding.unmasking.propose_tokens`,
-:func:`~nemo_automodel_bard.decoding.unmasking.select_commits`), end-of-answer exit. Every per-request
-decision is taken from that request's own rows, and keys of other requests or padding are hidden by
-the attention mask, so with greedy decoding a request's tokens do not depend on its batch mates: they
-are the tokens ``model.generate`` gives for it alone (the tests check this). With sampling
+Every per-request decision is taken from that request's own rows, and keys of other requests or padding are
+hidden by the attention mask, so with greedy decoding a request's tokens are those ``model.generate`` gives
+for it alone (the tests check this, for requests that join a running batch too). With sampling
 (``temperature > 0``) the random draws are shared by the cohort, so answers depend on the schedule.
 
 Only dense attention (SDPA / eager) is supported here (the server loads the model with SDPA).
@@ -28,6 +30,7 @@ Only dense attention (SDPA / eager) is supported here (the server loads the mode
 from __future__ import annotations
 
 import collections
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,8 +38,17 @@ from typing import Any, Callable
 
 import torch
 
-from nemo_automodel_bard.decoding.inputs import media_inputs
-from nemo_automodel_bard.decoding.unmasking import propose_tokens, select_commits, transfer_schedule
+from nemo_automodel_bard.decoding.engine import (
+    BlockRun,
+    DecodingOptions,
+    _BlockDecoder,
+    _MaskBuilder,
+    _model_inputs,
+    block_inputs,
+    check_model_inputs,
+    commit_block,
+)
+from nemo_automodel_bard.decoding.unmasking import transfer_schedule
 
 #: ``f(new_token_ids, finished)`` after each committed block of a request (ids cut at EOS / max_new_tokens)
 BlockListener = Callable[[list[int], bool], None]
@@ -50,25 +62,36 @@ class BatcherStopped(RuntimeError):
     """The batcher was shut down."""
 
 
+class RequestTooLarge(ValueError):
+    """A request that could never run: its prompt and answer exceed the batcher's bound on KV positions."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request ran longer than its deadline and was stopped."""
+
+
 @dataclass
 class Request:
     """One prompt to decode: the processor output for a single, unpadded prompt and resolved options.
 
     ``options`` is a :class:`~nemo_automodel_bard.decoding.engine.DecodingOptions` (its
-    ``max_new_tokens`` is this request's own). Results are filled in by the batcher; ``done`` is set
-    when ``tokens`` / ``stats`` (or ``error``) are final.
+    ``max_new_tokens`` is this request's own). ``timeout``: seconds from submission after which the request
+    is stopped with :class:`DeadlineExceeded` (``None``: the batcher's default). Results are filled in by the
+    batcher; ``done`` is set when ``tokens`` / ``stats`` (or ``error``) are final.
     """
 
     inputs: dict[str, Any]
     options: Any
     on_block: BlockListener | None = None
     on_done: Callable[[], None] | None = None
+    timeout: float | None = None
     tokens: list[int] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None
 
     def cancel(self) -> None:
         """Leave at the next block boundary (e.g. the client went away, or a stop string was seen)."""
@@ -81,11 +104,19 @@ class Request:
             raise self.error
         return self.tokens
 
+    @property
+    def positions(self) -> int:
+        """KV positions this request may reach: its prompt and ``max_new_tokens`` rounded up to whole blocks."""
+        opts = self.options
+        blocks = -(-opts.max_new_tokens // opts.block_size)
+        return int(self.inputs["input_ids"].shape[-1]) + blocks * opts.block_size
+
 
 def cohort_key(opts: Any) -> tuple:
-    """Options that must be equal for requests to share a batch (everything but ``max_new_tokens``)."""
-    if getattr(opts, "revise", False) or not getattr(opts, "fused_commit", True) or not getattr(opts, "eos_exit", True):
-        raise ValueError("the batcher decodes with fused_commit=True, eos_exit=True and without revision")
+    """Options that must be equal for requests to share a batch (everything but ``max_new_tokens`` and how the
+    prompt is prefilled, which happens before a request joins)."""
+    if not isinstance(opts, DecodingOptions):
+        raise TypeError(f"a request's options are resolved DecodingOptions, got {type(opts).__name__}")
     return (
         opts.block_size,
         opts.denoising_steps,
@@ -97,6 +128,11 @@ def cohort_key(opts: Any) -> tuple:
         opts.mask_token_id,
         tuple(opts.eos_token_ids),
         opts.pad_token_id,
+        opts.fused_commit,
+        opts.revise,
+        opts.eos_exit,
+        float(opts.revision_threshold),
+        int(opts.max_revision_steps),
     )
 
 
@@ -105,8 +141,10 @@ class _Member:
     request: Request
     start: int  # first response position
     num_blocks: int
+    prefill_forwards: int  # 0 with the fused prefill (block 0's first step), else 1
+    commit_forwards: int = 0  # separate commit forwards (fused_commit=False)
     blocks_done: int = 0
-    pending: torch.Tensor | None = None  # last block, K/V not yet in the cache (fused commit)
+    pending: torch.Tensor | None = None  # last block, K/V not yet in the cache
     steps: list[int] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     first_block_at: float | None = None
@@ -120,85 +158,146 @@ def _layers(cache: Any) -> list[Any]:
     return layers
 
 
-class _Cohort:
-    """The running batch of one option set: members, their shared KV cache and which keys are real."""
+def _record_block(member: _Member, row: list[int], n_steps: int, batch: int, block_size: int) -> bool:
+    """Append a finished block to ``member``'s answer and tell its listener; whether the request ends here."""
+    request = member.request
+    room = request.options.max_new_tokens - member.blocks_done * block_size
+    new = row[:room]
+    eos = set(request.options.eos_token_ids)
+    hit = next((i for i, t in enumerate(new) if t in eos), None)
+    if hit is not None:
+        new = new[: hit + 1]
+    member.blocks_done += 1
+    member.steps.append(n_steps)
+    member.batch_sizes.append(batch)
+    member.first_block_at = member.first_block_at or time.perf_counter()
+    request.tokens.extend(new)
+    finished = hit is not None or member.blocks_done >= member.num_blocks
+    if request.on_block is not None and not request.done.is_set():
+        try:
+            request.on_block(list(new), finished)
+        except Exception:  # noqa: BLE001 - a broken listener (gone client) only ends its own request
+            request.cancel()
+    return finished or request.cancelled
 
-    def __init__(self, model: Any, opts: Any, generator: torch.Generator | None) -> None:
+
+def _stack_prompts(requests: list[Request], pad_token_id: int, device: torch.device) -> dict[str, Any]:
+    """One left-padded batch of several requests' unpadded processor outputs (pixel inputs in row order)."""
+    rows = []
+    for request in requests:
+        data = _model_inputs(request.inputs, {}, device)
+        ids = data["input_ids"]
+        if ids.shape[0] != 1:
+            raise ValueError(f"a request holds one unpadded prompt, got input_ids of shape {tuple(ids.shape)}")
+        mask = data.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError("a request's prompt must not be padded")
+        rows.append(data)
+    if len(rows) == 1:
+        return rows[0]
+    width = max(r["input_ids"].shape[1] for r in rows)
+
+    def left(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([tensor.new_full((1, width - tensor.shape[1]), value), tensor], dim=1)
+
+    out = {"input_ids": torch.cat([left(r["input_ids"], pad_token_id) for r in rows]),
+           "attention_mask": torch.cat([left(torch.ones_like(r["input_ids"]), 0) for r in rows])}
+    if any(r.get("mm_token_type_ids") is not None for r in rows):
+        out["mm_token_type_ids"] = torch.cat([
+            left(r["mm_token_type_ids"] if r.get("mm_token_type_ids") is not None else torch.zeros_like(r["input_ids"]), 0)
+            for r in rows])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        present = [r[key] for r in rows if r.get(key) is not None]
+        if present:
+            out[key] = torch.cat(present, dim=0)
+    return out
+
+
+class _Joining:
+    """The prefill and first block of requests that start together with the same options, decoded by the engine
+    as one ``generate`` batch (left-padded; each row's tokens are those of ``generate`` alone)."""
+
+    def __init__(self, model: Any, requests: list[Request], generator: torch.Generator | None) -> None:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        opts = requests[0].options
+        data = _stack_prompts(requests, opts.pad_token_id, device)
+        check_model_inputs(model, data)
+        self.requests, self.started_at = requests, time.perf_counter()
+        self.key = cohort_key(opts)
+        longest = max(r.options.max_new_tokens for r in requests)  # capacity only: each row keeps its own bound
+        joint = copy.copy(opts)
+        joint.max_new_tokens = longest
+        self.dec = _BlockDecoder(model, data, joint, device, dtype, generator)
+        self.dec.prefill()
+        self.run: BlockRun = self.dec.start_block(0, torch.zeros(len(requests), dtype=torch.bool, device=device), None)
+
+    def step(self) -> bool:
+        return self.run.step()
+
+    def members(self) -> tuple[list[_Member], list[bool]]:
+        """The requests as cohort members after their first block, and which of them already ended."""
+        dec = self.dec
+        dec.end_block(self.run)
+        steps = self.run.steps_per_sample().tolist()
+        rows = self.run.block.tolist()
+        prefill = dec.forwards["prefill"] - int(dec.opts.fused_prefill)
+        members, ended = [], []
+        for i, request in enumerate(self.requests):
+            member = _Member(request=request, start=int(dec.response_start[i]), prefill_forwards=prefill,
+                             num_blocks=-(-request.options.max_new_tokens // dec.B), started_at=self.started_at)
+            ended.append(_record_block(member, rows[i], steps[i], len(self.requests), dec.B))
+            member.pending = self.run.block[i]
+            members.append(member)
+        return members, ended
+
+    def rows(self, keep: list[int]) -> tuple[Any, torch.Tensor]:
+        """The cache rows ``keep`` (the prompts' K/V) and which of their keys are real, leading padding cut."""
+        cache, valid = self.dec.cache, self.dec.valid
+        if len(keep) != valid.shape[0]:
+            index = torch.tensor(keep, device=valid.device)
+            valid = valid.index_select(0, index)
+            for layer in _layers(cache):
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        first = int(valid.any(0).nonzero()[0])
+        if first:
+            valid = valid[:, first:]
+            for layer in _layers(cache):
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        return cache, valid
+
+
+class _Cohort:
+    """The running batch of one option set: members, their shared KV cache, which keys are real, the block run."""
+
+    def __init__(self, model: Any, opts: DecodingOptions, generator: torch.Generator | None) -> None:
         self.model, self.opts, self.generator = model, opts, generator
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.min = torch.finfo(self.dtype).min
         self.B = opts.block_size
         self.schedule = transfer_schedule(self.B, opts.denoising_steps)
         self.eos = torch.tensor(opts.eos_token_ids, device=self.device)
         self.members: list[_Member] = []
         self.cache: Any = None
         self.key_valid: torch.Tensor | None = None  # [batch, cached]
-        self.forwards = 0
+        self.run: BlockRun | None = None
 
     # ------------------------------------------------------------------------------ joining
-    def prefill(self, request: Request) -> tuple[Any, int]:
-        """Prefill one prompt alone (exactly ``generate``'s prefill at batch 1); return (cache, start)."""
-        from transformers import DynamicCache
-
-        model, B = self.model, self.B
-        data = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in request.inputs.items()}
-        ids = data["input_ids"]
-        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise ValueError(f"a request holds one unpadded prompt, got input_ids of shape {tuple(ids.shape)}")
-        mask = data.get("attention_mask")
-        if mask is not None and not bool(mask.bool().all()):
-            raise ValueError("a request's prompt must not be padded")
-        from nemo_automodel_bard.decoding.engine import check_model_inputs
-
-        check_model_inputs(model, data)
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        positions = model.position_ids_for(
-            ids,
-            mm_token_type_ids=data.get("mm_token_type_ids"),
-            image_grid_thw=data.get("image_grid_thw"),
-            video_grid_thw=data.get("video_grid_thw"),
-            attention_mask=valid.long(),
-        )
-        start = int(positions.amax()) + 1
-        P = ids.shape[1]
-        block = torch.arange(P, device=self.device) // B
-        visible = block[None, :] <= block[:, None]
-        additive = torch.zeros(1, 1, P, P, dtype=self.dtype, device=self.device).masked_fill_(~visible, self.min)
-        cache = DynamicCache(config=model.config.text_config)
-        model(
-            input_ids=ids,
-            attention_mask=additive,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **media_inputs(data),
-            logits_positions=torch.empty(0, dtype=torch.long, device=self.device),
-        )
-        return cache, start
-
-    def admit(self, request: Request) -> None:
-        """Prefill ``request`` and add it to the batch (at a block boundary)."""
-        started = time.perf_counter()
-        cache, start = self.prefill(request)
-        length = _layers(cache)[0].keys.shape[-2]
-        valid = torch.ones(1, length, dtype=torch.bool, device=self.device)
+    def add(self, members: list[_Member], cache: Any, valid: torch.Tensor) -> None:
+        """Append members' cache rows (at a block boundary; ``valid``: which of their keys are real, padding
+        on the left), left-padding the shorter side."""
         if self.cache is None:
             self.cache, self.key_valid = cache, valid
         else:
-            cached = self.key_valid.shape[1]
+            cached, length = self.key_valid.shape[1], valid.shape[1]
             width = max(cached, length)
             for mine, theirs in zip(_layers(self.cache), _layers(cache)):
                 mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
                 mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
-            pad_mine = self.key_valid.new_zeros(self.key_valid.shape[0], width - cached)
-            pad_new = valid.new_zeros(1, width - length)
-            self.key_valid = torch.cat(
-                [torch.cat([pad_mine, self.key_valid], 1), torch.cat([pad_new, valid], 1)], dim=0
-            )
-        opts = request.options
-        member = _Member(request=request, start=start, num_blocks=-(-opts.max_new_tokens // self.B), started_at=started)
-        self.members.append(member)
+            self.key_valid = torch.cat([torch.cat([self.key_valid.new_zeros(self.key_valid.shape[0], width - cached),
+                                                   self.key_valid], 1),
+                                        torch.cat([valid.new_zeros(valid.shape[0], width - length), valid], 1)], dim=0)
+        self.members.extend(members)
 
     # ------------------------------------------------------------------------------ leaving
     def retire(self, keep: list[int]) -> None:
@@ -219,118 +318,40 @@ class _Cohort:
             layer.values = layer.values.index_select(0, index)[:, :, first:]
 
     # ------------------------------------------------------------------------------ one block
-    def run_block(self) -> list[_Member]:
-        """Denoise the next block of every member; return the members that finished with it."""
-        opts, B, model, cache = self.opts, self.B, self.model, self.cache
-        members = self.members
-        batch = len(members)
-        device = self.device
-        arange = torch.arange(B, device=device)
-        noisy_pos = torch.tensor([m.start + m.blocks_done * B for m in members], device=device)[:, None] + arange
-        block = torch.full((batch, B), opts.mask_token_id, dtype=torch.long, device=device)
-        masked = torch.ones(batch, B, dtype=torch.bool, device=device)
-        has_pending = [m.pending is not None for m in members]
+    def start_block(self) -> None:
+        """The engine's run of every member's next block (each member has its previous block pending)."""
+        B, batch, device = self.B, len(self.members), self.device
+        noisy = torch.tensor([m.start + m.blocks_done * B for m in self.members], device=device)[:, None]
+        noisy = noisy + torch.arange(B, device=device)
+        pending = torch.stack([m.pending for m in self.members])
         cached = self.key_valid.shape[1]
-        if any(has_pending):
-            clean = torch.stack(
-                [m.pending if m.pending is not None else block.new_full((B,), opts.pad_token_id) for m in members]
-            )
-            # a member that just joined has no finished block to write: its clean slot is padding nobody sees
-            clean_pos = torch.stack(
-                [noisy_pos[i] - B if has_pending[i] else noisy_pos[i] for i in range(batch)]
-            )
-            clean_valid = torch.tensor(has_pending, device=device)[:, None].expand(batch, B)
-            key_valid = torch.cat([self.key_valid, clean_valid], dim=1)
-            bias = torch.zeros(key_valid.shape, dtype=self.dtype, device=device).masked_fill_(~key_valid, self.min)
-            tail = torch.zeros(batch, 1, 2 * B, B, dtype=self.dtype, device=device)
-            tail[:, :, :B] = self.min  # clean queries do not see the noisy block
-            mask = torch.cat([bias[:, None, None, :].expand(batch, 1, 2 * B, cached + B), tail], dim=-1)
-            tokens_in = torch.cat([clean, block], dim=1)
-            pos_in = torch.cat([clean_pos, noisy_pos], dim=1)
-            n_clean = B
+        ones = torch.ones(batch, 2 * B, dtype=torch.bool, device=device)
+        masks = _MaskBuilder(self.model, torch.cat([self.key_valid, ones], dim=1), self.dtype)
+        if self.opts.fused_commit:
+            first, steady = block_inputs(masks, cached, noisy, pending, noisy - B)
         else:
-            key_valid = self.key_valid
-            tokens_in, pos_in, n_clean, mask = block, noisy_pos, 0, None
-        rows = torch.arange(batch, device=device)[:, None]
-        step = 0
-        steps = torch.zeros(batch, dtype=torch.long, device=device)
-        while True:
-            q = tokens_in.shape[1]
-            if mask is None:
-                bias = torch.zeros(key_valid.shape, dtype=self.dtype, device=device).masked_fill_(~key_valid, self.min)
-                full = torch.cat([bias, bias.new_zeros(batch, B)], dim=1)
-                mask = full[:, None, None, :].expand(batch, 1, q, full.shape[1])
-            logits = model(
-                input_ids=tokens_in,
-                attention_mask=mask,
-                position_ids=pos_in[None].expand(3, batch, q),
-                past_key_values=cache,
-                use_cache=True,
-                logits_positions=(rows * q + n_clean + arange).reshape(-1),
-            ).logits.view(batch, B, -1)
-            self.forwards += 1
-            for layer in _layers(cache):  # drop the noisy block's K/V; a fused clean block's K/V stay
-                keep = layer.keys.shape[-2] - B
-                layer.keys = layer.keys[:, :, :keep]
-                layer.values = layer.values[:, :, :keep]
-            if n_clean:
-                n_clean, tokens_in, pos_in = 0, block, noisy_pos
-                self.key_valid = key_valid
-            mask = None if q != B else mask  # the steady mask is rebuilt once after the fused step
-            proposal, score, _ = propose_tokens(
-                logits,
-                temperature=opts.temperature,
-                top_k=opts.top_k,
-                top_p=opts.top_p,
-                score=opts.rule.score,
-                generator=self.generator,
-                suppress_token_id=opts.mask_token_id,
-            )
-            k_min = self.schedule[min(step, len(self.schedule) - 1)]
-            commit = select_commits(score, masked, k_min, dynamic=opts.rule.dynamic, threshold=opts.confidence_threshold,
-                                    budget=opts.rule.budget)
-            steps += masked.any(-1).long()
-            block = torch.where(commit, proposal, block)
-            masked = masked ^ commit
-            open_before = (masked.long().cumsum(-1) - masked.long()) > 0
-            closed = (torch.isin(block, self.eos) & ~masked & ~open_before).any(-1)
-            masked = masked & ~closed[:, None]
-            step += 1
-            if not bool(masked.any()):
-                break
-            tokens_in = block
-        self.key_valid = key_valid
-        return self._finish_block(block, steps.tolist(), batch)
+            commit_block(self.model, self.cache, masks, cached, pending, noisy - B)
+            first, steady = block_inputs(masks, cached + B, noisy)
+        self.key_valid = torch.cat([self.key_valid, ones[:, :B]], dim=1)  # the pending block's keys
+        block = torch.full((batch, B), self.opts.mask_token_id, dtype=torch.long, device=device)
+        self.run = BlockRun(self.model, self.cache, self.opts, first, steady, block, torch.ones_like(block, dtype=torch.bool),
+                            schedule=self.schedule, eos=self.eos, generator=self.generator,
+                            active=torch.ones(batch, dtype=torch.bool, device=device) if self.opts.revise else None)
 
-    def _finish_block(self, block: torch.Tensor, steps: list[int], batch: int) -> list[_Member]:
-        now = time.perf_counter()
-        eos = set(self.opts.eos_token_ids)
-        ended: list[_Member] = []
-        rows = block.tolist()
-        for member, row, n_steps in zip(self.members, rows, steps):
-            request = member.request
-            room = request.options.max_new_tokens - member.blocks_done * self.B
-            new = row[:room]
-            hit = next((i for i, t in enumerate(new) if t in eos), None)
-            if hit is not None:
-                new = new[: hit + 1]
-            member.blocks_done += 1
-            member.steps.append(n_steps)
-            member.batch_sizes.append(batch)
-            member.first_block_at = member.first_block_at or now
-            request.tokens.extend(new)
-            finished = hit is not None or member.blocks_done >= member.num_blocks
-            if request.on_block is not None:
-                try:
-                    request.on_block(list(new), finished)
-                except Exception:  # noqa: BLE001 - a broken listener (gone client) only ends its own request
-                    request.cancel()
-            if finished or request.cancelled:
+    def step(self) -> list[_Member] | None:
+        """One forward of the running block; at its end, the members that finished with it (else ``None``)."""
+        if not self.run.step():
+            return None
+        run, self.run = self.run, None
+        batch = len(self.members)
+        steps = run.steps_per_sample().tolist()
+        ended = []
+        for member, row, n_steps in zip(self.members, run.block.tolist(), steps):
+            member.commit_forwards += 0 if self.opts.fused_commit else 1
+            if _record_block(member, row, n_steps, batch, self.B):
                 ended.append(member)
-        index = {id(m) for m in ended}
         for i, member in enumerate(self.members):
-            if id(member) not in index:
-                member.pending = block[i]
+            member.pending = run.block[i]
         return ended
 
 
@@ -343,9 +364,9 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([pad, tensor], dim=-2)
 
 
-def _member_stats(member: _Member, cohort: _Cohort) -> dict[str, Any]:
+def _member_stats(member: _Member, opts: DecodingOptions) -> dict[str, Any]:
     request = member.request
-    forwards = 1 + sum(member.steps)  # its prefill and every denoising step it took part in
+    forwards = member.prefill_forwards + member.commit_forwards + sum(member.steps)  # every forward it took part in
     n = len(request.tokens)
     elapsed = time.perf_counter() - member.started_at
     return {
@@ -353,11 +374,11 @@ def _member_stats(member: _Member, cohort: _Cohort) -> dict[str, Any]:
         "block_step_counts": list(member.steps),
         "num_blocks": member.blocks_done,
         "forwards": forwards,
-        "tokens_per_forward": n / forwards,
-        "block_size": cohort.B,
-        "denoising_steps": cohort.opts.denoising_steps,
-        "remasking_strategy": cohort.opts.remasking_strategy,
-        "confidence_threshold": float(cohort.opts.confidence_threshold),
+        "tokens_per_forward": n / max(forwards, 1),
+        "block_size": opts.block_size,
+        "denoising_steps": opts.denoising_steps,
+        "remasking_strategy": opts.remasking_strategy,
+        "confidence_threshold": float(opts.confidence_threshold),
         "mean_batch_size": sum(member.batch_sizes) / max(len(member.batch_sizes), 1),
         "queue_s": member.started_at - request.submitted_at,
         "first_block_s": (member.first_block_at or time.perf_counter()) - request.submitted_at,
@@ -372,36 +393,56 @@ class ContinuousBatcher:
 
     Args:
         model: a Bard-VL model with dense attention, in eval mode.
-        max_batch: most requests in one cohort's batch (more wait for a place).
+        max_batch: most requests running at once over **all** cohorts (joining ones included); more wait.
         max_queue: most requests waiting to start; :meth:`submit` raises :class:`QueueFull` beyond it.
+        max_positions: most KV positions (:attr:`Request.positions`) of the running requests together; a
+            request that alone exceeds it is refused with :class:`RequestTooLarge`. ``None``: no bound.
+        timeout: default per-request deadline in seconds (``None``: none).
         seed: seed of the sampling generator (``temperature > 0`` only).
     """
 
-    def __init__(self, model: Any, *, max_batch: int = 16, max_queue: int = 64, seed: int = 0) -> None:
+    def __init__(self, model: Any, *, max_batch: int = 16, max_queue: int = 64, max_positions: int | None = None,
+                 timeout: float | None = None, seed: int = 0) -> None:
         if getattr(model, "uses_flex_attention", False):
             raise ValueError("the continuous batcher needs dense attention (load the model with SDPA or eager)")
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or (max_positions is not None and max_positions < 1):
+            raise ValueError("max_batch and max_positions must be >= 1 and max_queue >= 0")
         self.model, self.max_batch, self.max_queue, self.seed = model, max_batch, max_queue, seed
+        self.max_positions, self.timeout = max_positions, timeout
         self.waiting: collections.deque[Request] = collections.deque()
+        self.joining: list[_Joining] = []
+        self.ready: dict[tuple, list[tuple[list[_Member], Any, torch.Tensor]]] = {}
         self.cohorts: dict[tuple, _Cohort] = {}
         self.lock = threading.Condition()
         self.stopped = False
         self.blocks_run = 0
+        self.forwards_run = 0
+        self.peak_running = 0
         self.busy = False
         self.thread = threading.Thread(target=self._loop, name="bard-vl-batcher", daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------------------------ API
+    def has_room(self) -> bool:
+        """Whether a request submitted now would be queued (a cheap check before any media decoding)."""
+        return not self.stopped and len(self.waiting) < self.max_queue
+
     def submit(self, request: Request) -> Request:
-        """Queue ``request`` (it joins a batch at the next block boundary). Raises :class:`QueueFull`."""
+        """Queue ``request`` (it starts when the global bounds allow). Raises :class:`QueueFull`,
+        :class:`RequestTooLarge` or ``ValueError`` for options the batcher cannot decode."""
         cohort_key(request.options)  # refuse unsupported option sets here, not in the worker
+        if self.max_positions is not None and request.positions > self.max_positions:
+            raise RequestTooLarge(
+                f"the request needs {request.positions} KV positions (prompt and max_tokens in whole blocks), more "
+                f"than the server's bound of {self.max_positions}")
         with self.lock:
             if self.stopped:
                 raise BatcherStopped("the batcher is shut down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue}); retry later")
             request.submitted_at = time.perf_counter()
+            timeout = request.timeout if request.timeout is not None else self.timeout
+            request.deadline = None if timeout is None else request.submitted_at + timeout
             self.waiting.append(request)
             self.lock.notify()
         return request
@@ -416,7 +457,13 @@ class ContinuousBatcher:
 
     @property
     def running(self) -> int:
-        return sum(len(c.members) for c in list(self.cohorts.values()))
+        return len(self._running_requests())
+
+    def _running_requests(self) -> list[Request]:
+        requests = [r for j in list(self.joining) for r in j.requests]
+        requests += [m.request for ready in list(self.ready.values()) for group, _, _ in list(ready) for m in group]
+        requests += [m.request for c in list(self.cohorts.values()) for m in list(c.members)]
+        return requests
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self.lock:
@@ -429,29 +476,38 @@ class ContinuousBatcher:
         device = next(self.model.parameters()).device
         return torch.Generator(device=device).manual_seed(self.seed)
 
-    def _take_waiting(self) -> list[tuple[Request, tuple]]:
-        """Pop the waiting requests that have a place (cohort below ``max_batch``), in arrival order."""
-        taken: list[tuple[Request, tuple]] = []
+    def _take_waiting(self) -> list[Request]:
+        """Pop waiting requests, in arrival order, while the global bounds allow (no overtaking)."""
+        taken: list[Request] = []
         with self.lock:
-            while not self.stopped and not self.waiting and not self.cohorts:
+            while not self.stopped and not self.waiting and not self.joining and not self.cohorts and not self.ready:
                 self.lock.wait()
             if self.stopped:
                 return []
-            room: dict[tuple, int] = {k: self.max_batch - len(c.members) for k, c in self.cohorts.items()}
-            left: collections.deque[Request] = collections.deque()
+            running = self._running_requests()
+            count, positions = len(running), sum(r.positions for r in running)
             while self.waiting:
-                request = self.waiting.popleft()
-                if request.cancelled:
+                request = self.waiting[0]
+                if request.cancelled or request.done.is_set():
+                    self.waiting.popleft()
                     _fail(request, None, cancelled=True)
                     continue
-                key = cohort_key(request.options)
-                if room.setdefault(key, self.max_batch) > 0:
-                    room[key] -= 1
-                    taken.append((request, key))
-                else:
-                    left.append(request)
-            self.waiting = left
+                if count >= self.max_batch or (self.max_positions is not None
+                                               and positions + request.positions > self.max_positions):
+                    break
+                self.waiting.popleft()
+                count, positions = count + 1, positions + request.positions
+                taken.append(request)
         return taken
+
+    def _expire(self) -> None:
+        """Fail requests past their deadline now (their rows leave at the end of the running block)."""
+        now = time.perf_counter()
+        for request in self._running_requests() + list(self.waiting):
+            if request.deadline is not None and now > request.deadline and not request.done.is_set():
+                limit = request.deadline - request.submitted_at
+                request.cancel()
+                _fail(request, DeadlineExceeded(f"the request ran longer than its deadline of {limit:g} s"))
 
     def _loop(self) -> None:
         with torch.no_grad():
@@ -459,48 +515,98 @@ class ContinuousBatcher:
                 taken = self._take_waiting()
                 if self.stopped:
                     break
-                for request, key in taken:
-                    cohort = self.cohorts.get(key)
-                    if cohort is None:
-                        cohort = _Cohort(self.model, request.options, self._generator())
+                groups: dict[tuple, list[Request]] = {}
+                for request in taken:  # requests that start together with the same options share a batch
+                    groups.setdefault((cohort_key(request.options), request.options.fused_prefill), []).append(request)
+                for group in groups.values():
                     try:
-                        cohort.admit(request)
+                        self.joining.append(_Joining(self.model, group, self._generator()))
                     except Exception as exc:  # noqa: BLE001 - a bad prompt fails only its own request
-                        _fail(request, exc)
-                        continue
-                    self.cohorts[key] = cohort
-                for key, cohort in list(self.cohorts.items()):
-                    self.busy = True
-                    try:
-                        ended = cohort.run_block()
-                    except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving the others
-                        for member in cohort.members:
-                            _fail(member.request, exc)
-                        del self.cohorts[key]
-                        continue
-                    finally:
-                        self.busy = False
-                    self.blocks_run += 1
-                    if ended:
-                        gone = {id(m) for m in ended}
-                        for member in ended:
-                            member.request.stats = _member_stats(member, cohort)
-                        cohort.retire([i for i, m in enumerate(cohort.members) if id(m) not in gone])
-                    if not cohort.members:
-                        del self.cohorts[key]
-                    # completed only now: a client that sees its request done sees the batcher without it
-                    for member in ended or ():
-                        _complete(member.request)
+                        if len(group) == 1:
+                            _fail(group[0], exc)
+                            continue
+                        for request in group:  # find it: each on its own
+                            try:
+                                self.joining.append(_Joining(self.model, [request], self._generator()))
+                            except Exception as single:  # noqa: BLE001
+                                _fail(request, single)
+                self.peak_running = max(self.peak_running, self.running)
+                self._expire()
+                self._round()
             # shutting down: nothing more will run
             with self.lock:
-                pending = list(self.waiting) + [m.request for c in self.cohorts.values() for m in c.members]
+                pending = self._running_requests() + list(self.waiting)
                 self.waiting.clear()
                 self.cohorts.clear()
+                self.joining.clear()
+                self.ready.clear()
             for request in pending:
-                _fail(request, BatcherStopped("the server is shutting down"))
+                if not request.done.is_set():
+                    _fail(request, BatcherStopped("the server is shutting down"))
+
+    def _round(self) -> None:
+        """One forward for every joining request and every cohort (cohorts take turns per denoising step)."""
+        for joining in list(self.joining):
+            self.busy = True
+            try:
+                done = joining.step()
+                self.forwards_run += 1
+                if done:
+                    self.joining.remove(joining)
+                    members, ended = joining.members()
+                    for member, end in zip(members, ended):
+                        if end:
+                            member.request.stats = _member_stats(member, member.request.options)
+                            _complete(member.request)
+                    keep = [i for i, end in enumerate(ended) if not end]
+                    if keep:
+                        cache, valid = joining.rows(keep)
+                        self.ready.setdefault(joining.key, []).append(([members[i] for i in keep], cache, valid))
+            except Exception as exc:  # noqa: BLE001 - fails only these requests
+                if joining in self.joining:
+                    self.joining.remove(joining)
+                for request in joining.requests:
+                    _fail(request, exc)
+            finally:
+                self.busy = False
+        for key in list(self.ready):
+            if key not in self.cohorts:
+                member = self.ready[key][0][0][0]
+                self.cohorts[key] = _Cohort(self.model, member.request.options, self._generator())
+        for key, cohort in list(self.cohorts.items()):
+            self.busy = True
+            try:
+                if cohort.run is None:  # a block boundary: the ready requests join, then the next block starts
+                    for members, cache, valid in self.ready.pop(key, []):
+                        cohort.add(members, cache, valid)
+                    cohort.start_block()
+                ended = cohort.step()
+                self.forwards_run += 1
+            except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving the others
+                for member in cohort.members:
+                    _fail(member.request, exc)
+                del self.cohorts[key]
+                continue
+            finally:
+                self.busy = False
+            if ended is None:
+                continue
+            self.blocks_run += 1
+            if ended:
+                gone = {id(m) for m in ended}
+                for member in ended:
+                    member.request.stats = _member_stats(member, cohort.opts)
+                cohort.retire([i for i, m in enumerate(cohort.members) if id(m) not in gone])
+            if not cohort.members and not self.ready.get(key):
+                del self.cohorts[key]
+            # completed only now: a client that sees its request done sees the batcher without it
+            for member in ended:
+                _complete(member.request)
 
 
 def _fail(request: Request, exc: BaseException | None, cancelled: bool = False) -> None:
+    if request.done.is_set():
+        return
     if cancelled:
         request.stats = {"num_response_tokens": len(request.tokens), "cancelled": True}
     else:
@@ -509,6 +615,8 @@ def _fail(request: Request, exc: BaseException | None, cancelled: bool = False) 
 
 
 def _complete(request: Request) -> None:
+    if request.done.is_set():
+        return
     request.done.set()
     if request.on_done is not None:
         try:
@@ -517,4 +625,5 @@ def _complete(request: Request) -> None:
             pass
 
 
-__all__ = ["BatcherStopped", "BlockListener", "ContinuousBatcher", "QueueFull", "Request", "cohort_key"]
+__all__ = ["BatcherStopped", "BlockListener", "ContinuousBatcher", "DeadlineExceeded", "QueueFull", "Request",
+           "RequestTooLarge", "cohort_key"]

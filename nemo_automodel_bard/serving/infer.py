@@ -14,27 +14,21 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from nemo_automodel_bard.decoding.schema import add_arguments, options_from_args
+
 from .media import MediaLimits, RequestError, load_image, resolve_video
 from .prompt import TextStream, encode_messages, load_for_inference
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    """The Bard decoding flags shared by ``infer`` (``None`` = the checkpoint's default)."""
-    group = parser.add_argument_group("decoding (default: the checkpoint's generation config)")
-    group.add_argument("--max-new-tokens", type=int, default=None)
-    group.add_argument("--block-size", type=int, default=None)
-    group.add_argument("--denoising-steps", type=int, default=None)
-    group.add_argument("--confidence-threshold", type=float, default=None)
-    group.add_argument("--remasking-strategy", default=None, help="e.g. low_confidence_dynamic, low_confidence_static")
-    group.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default of Bard checkpoints)")
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
+    """The Bard decoding flags of ``infer``: one per option of the decoding schema (``None`` = the checkpoint's
+    default)."""
+    add_arguments(parser)
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("max_new_tokens", "block_size", "denoising_steps", "confidence_threshold", "remasking_strategy",
-             "temperature", "top_k", "top_p")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    """The decoding flags that were given, parsed and checked by the decoding schema (``ValueError`` naming the flag)."""
+    return options_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,10 +114,10 @@ def main(argv: list[str], out: TextIO | None = None, err: TextIO | None = None, 
         return 2
     limits = MediaLimits(any_path=True)
     try:
+        options = decoding_kwargs(args)  # refuse bad flags before loading anything
         images = [load_image(p, limits, param=f"--image {p}") for p in args.image]
         videos = [resolve_video(p, limits, param=f"--video {p}") for p in args.video]
         model, processor = load_for_inference(args.model_dir, args.device, args.dtype)
-        options = decoding_kwargs(args)
         from nemo_automodel_bard.models.bard_vl.generation_bard_vl import resolve_generate_options
 
         resolve_generate_options(model, **options)  # refuse bad flags before any work

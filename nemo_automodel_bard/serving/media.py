@@ -15,6 +15,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+#: image formats a request may hold (PIL plugin names); others (EPS and PostScript, which need Ghostscript,
+#: PDF, ICNS, ...) are refused before any decoder sees them
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+#: longest local path accepted, in characters (after %-decoding)
+MAX_PATH_CHARS = 1024
 
 
 class RequestError(ValueError):
@@ -63,11 +70,40 @@ def _decode_data_url(url: str, kind: str, limits: MediaLimits, param: str) -> tu
     return mime, data
 
 
-def _local_path(url: str, limits: MediaLimits, param: str) -> Path:
-    path_text = url[len("file://") :] if url.startswith("file://") else url
+def _path_text(url: str, param: str, decode: bool) -> str:
+    """The path of a ``file://`` URL or a plain path, %-decoded when ``decode`` (a server request: paths are URL
+    text); refuses NUL bytes, over-long paths and ``file://`` URLs naming another host."""
+    if url.startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise RequestError(f"{param}: a file:// URL must name a local file (host {parts.netloc!r})", param=param)
+        path_text = unquote(parts.path, errors="strict") if decode else parts.path
+    else:
+        path_text = unquote(url, errors="strict") if decode else url
+    if "\x00" in path_text:
+        raise RequestError(f"{param}: the path contains a NUL byte", param=param)
+    if len(path_text) > MAX_PATH_CHARS:
+        raise RequestError(f"{param}: the path has {len(path_text)} characters, more than {MAX_PATH_CHARS}", param=param)
     if not path_text:
         raise RequestError(f"{param}: empty path", param=param)
-    path = Path(path_text).expanduser()
+    return path_text
+
+
+def _local_path(url: str, limits: MediaLimits, param: str) -> Path:
+    try:
+        path_text = _path_text(url, param, decode=not limits.any_path)
+    except UnicodeDecodeError:
+        raise RequestError(f"{param}: the %-encoded path is not valid UTF-8", param=param) from None
+    try:
+        return _confined(path_text, limits, param)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, RequestError):
+            raise
+        raise RequestError(f"{param}: not a usable path ({type(exc).__name__}: {exc})", param=param) from None
+
+
+def _confined(path_text: str, limits: MediaLimits, param: str) -> Path:
+    path = Path(path_text).expanduser() if limits.any_path else Path(path_text)
     if limits.any_path:
         resolved = path.resolve()
     else:
@@ -108,7 +144,7 @@ def load_image(url: str, limits: MediaLimits, param: str = "image_url") -> Any:
     else:
         source = _local_path(url, limits, param)
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > limits.max_image_pixels:
                 raise RequestError(
@@ -122,7 +158,10 @@ def load_image(url: str, limits: MediaLimits, param: str = "image_url") -> Any:
             return image.convert("RGB")
     except RequestError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise RequestError(f"{param}: not a readable image in an allowed format ({', '.join(IMAGE_FORMATS)})",
+                           param=param) from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise RequestError(f"{param}: not a readable image ({type(exc).__name__}: {exc})", param=param) from None
 
 
@@ -141,4 +180,4 @@ def resolve_video(url: str, limits: MediaLimits, param: str = "video_url", tmp_d
     return str(_local_path(url, limits, param))
 
 
-__all__ = ["MediaLimits", "RequestError", "load_image", "resolve_video"]
+__all__ = ["IMAGE_FORMATS", "MAX_PATH_CHARS", "MediaLimits", "RequestError", "load_image", "resolve_video"]

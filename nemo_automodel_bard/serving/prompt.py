@@ -51,27 +51,36 @@ def has_media(messages: list[dict[str, Any]]) -> bool:
     return False
 
 
-def encode_messages(processor: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Processor inputs (batch 1, unpadded) for chat ``messages`` in the ``qwen_vl_utils`` form.
+def encode_chats(processor: Any, conversations: list[list[dict[str, Any]]], padding: bool = False) -> dict[str, Any]:
+    """Processor inputs for several chats in the ``qwen_vl_utils`` form: the one path from a chat to model inputs
+    that ``infer``, the server and the evaluation use.
 
-    ``messages`` items: ``{"role": ..., "content": str | [{"type": "text", "text": ...},
-    {"type": "image", "image": PIL image or path}, {"type": "video", "video": path, ...}]}``. Images and
-    videos are read and resized by ``qwen_vl_utils.process_vision_info`` (as in the model card).
+    Each chat is a list of ``{"role": ..., "content": str | [{"type": "text", "text": ...}, {"type": "image",
+    "image": PIL image or path, ...}, {"type": "video", "video": path, ...}]}``. The chat template gives the prompt
+    text (with the generation prompt); images and videos are read and resized by
+    ``qwen_vl_utils.process_vision_info`` (as in the model card), their per-item keys (``min_pixels``,
+    ``max_pixels``, ``fps``, ``max_frames``) included. ``padding``: pad several prompts to one length (on the
+    tokenizer's padding side), with their attention mask.
     """
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     images = videos = None
     video_kwargs: dict[str, Any] = {}
-    if has_media(messages):
+    if any(has_media(c) for c in conversations):
         from qwen_vl_utils import process_vision_info
 
         images, videos, video_kwargs = process_vision_info(
-            messages,
+            conversations,
             return_video_kwargs=True,
             return_video_metadata=False,
             image_patch_size=processor.image_processor.patch_size,
         )
-    batch = processor(text=[text], images=images, videos=videos, padding=False, return_tensors="pt", **video_kwargs)
+    batch = processor(text=texts, images=images, videos=videos, padding=padding, return_tensors="pt", **video_kwargs)
     return dict(batch)
+
+
+def encode_messages(processor: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Processor inputs (batch 1, unpadded) for one chat (:func:`encode_chats`)."""
+    return encode_chats(processor, [messages])
 
 
 class TextStream:
@@ -110,4 +119,4 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-__all__ = ["TextStream", "cut_at_stop", "default_device", "encode_messages", "has_media", "load_for_inference"]
+__all__ = ["TextStream", "cut_at_stop", "default_device", "encode_chats", "encode_messages", "has_media", "load_for_inference"]

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import copy
 import json
-import math
 import sys
 import threading
 import time
@@ -30,12 +29,16 @@ try:  # FastAPI reads the handlers' annotations by name from this module (the se
 except ImportError:  # pragma: no cover - without the extra, main() explains what to install
     HTTPRequest = Any  # type: ignore[misc,assignment]
 
-from .batching import BatcherStopped, ContinuousBatcher, QueueFull, Request
+from nemo_automodel_bard.decoding.schema import DECODING_OPTIONS, MAX_BLOCK_SIZE, OptionError, parse_options
+
+from .batching import BatcherStopped, ContinuousBatcher, DeadlineExceeded, QueueFull, Request, RequestTooLarge
 from .media import MediaLimits, RequestError, load_image, resolve_video
 from .prompt import TextStream, cut_at_stop, encode_messages
 
-#: body fields that select Bard decoding (besides OpenAI's max_tokens, temperature, top_p)
-BARD_FIELDS = ("block_size", "denoising_steps", "confidence_threshold", "remasking_strategy", "top_k")
+#: OpenAI's own fields that carry decoding options (the schema's request_field)
+_OPENAI_DECODING = ("max_tokens", "temperature", "top_p")
+#: body fields that select Bard decoding (every option of the decoding schema without an OpenAI name)
+BARD_FIELDS = tuple(o.request_field for o in DECODING_OPTIONS if o.request_field not in _OPENAI_DECODING)
 #: OpenAI fields we accept and have no effect here (documented in docs/serving.md)
 _IGNORED_FIELDS = ("user", "seed", "metadata", "store", "service_tier", "parallel_tool_calls", "logit_bias")
 _KNOWN_FIELDS = {
@@ -62,6 +65,11 @@ class ServeConfig:
     max_stop: int = 4
     max_batch: int = 16
     max_queue: int = 64
+    max_positions: int | None = 262144
+    max_block_size: int = MAX_BLOCK_SIZE
+    request_timeout: float | None = 600.0
+    body_timeout: float = 30.0
+    disconnect_poll_s: float = 0.25
     seed: int = 0
     limits: MediaLimits = field(init=False)
 
@@ -89,25 +97,11 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     from fastapi.responses import JSONResponse
 
     kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+            408: "timeout_error", 413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+            504: "timeout_error"}.get(status, "server_error")
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _number(body: dict, name: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
-        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
-    if low is not None and (value <= low if low_open else value < low):
-        raise RequestError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}", param=name)
-    if high is not None and value > high:
-        raise RequestError(f"{name} must be <= {high}, got {value!r}", param=name)
-    return value
 
 
 class BardServer:
@@ -117,8 +111,10 @@ class BardServer:
         self.model, self.processor = model, processor
         self.config = config or ServeConfig()
         self.batcher = ContinuousBatcher(
-            model, max_batch=self.config.max_batch, max_queue=self.config.max_queue, seed=self.config.seed
+            model, max_batch=self.config.max_batch, max_queue=self.config.max_queue,
+            max_positions=self.config.max_positions, timeout=self.config.request_timeout, seed=self.config.seed,
         )
+        self.disconnected = 0  # non-streaming requests whose client went away before the answer
         self.created = int(time.time())
         # fast tokenizers refuse concurrent use ("Already borrowed"): the processor encodes under a lock (in
         # worker threads), and a private copy of the tokenizer decodes (in the event loop thread only)
@@ -128,6 +124,28 @@ class BardServer:
 
     def close(self) -> None:
         self.batcher.shutdown()
+
+    def start_background(self, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> tuple[str, Any]:
+        """Serve in a uvicorn thread of this process (tests, benchmarks): returns ``(base URL, stop)``; ``port=0``
+        picks a free port, ``stop()`` ends the server and the batcher."""
+        import uvicorn
+
+        uv = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=uv.run, name="bard-vl-http", daemon=True)
+        thread.start()
+        deadline = time.time() + timeout
+        while not uv.started:
+            if not thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.05)
+        bound = uv.servers[0].sockets[0].getsockname()[1]
+
+        def stop() -> None:
+            uv.should_exit = True
+            thread.join(30)
+            self.close()
+
+        return f"http://{host}:{bound}", stop
 
     # ------------------------------------------------------------------------------ request -> inputs
     def _media(self, part: dict, kind: str, where: str, temp_files: list[str]) -> dict[str, Any]:
@@ -193,31 +211,29 @@ class BardServer:
         return out
 
     def _options(self, body: dict) -> Any:
+        """The request's decoding options, parsed and bounded by the decoding schema, then resolved."""
         from nemo_automodel_bard.models.bard_vl.generation_bard_vl import resolve_generate_options
 
         limit = self.config.max_tokens_limit
-        max_tokens = _number(body, "max_completion_tokens", integer=True, low=1, high=limit)
-        if max_tokens is None:
-            max_tokens = _number(body, "max_tokens", integer=True, low=1, high=limit)
-        given: dict[str, Any] = {
-            "max_new_tokens": max_tokens,
-            "temperature": _number(body, "temperature", low=0, high=2),
-            "top_p": _number(body, "top_p", low=0, high=1, low_open=True),
-            "top_k": _number(body, "top_k", integer=True, low=0),
-            "block_size": _number(body, "block_size", integer=True, low=1, high=limit),
-            "denoising_steps": _number(body, "denoising_steps", integer=True, low=1, high=limit),
-            "confidence_threshold": _number(body, "confidence_threshold"),
-        }
-        strategy = body.get("remasking_strategy")
-        if strategy is not None and not isinstance(strategy, str):
-            raise RequestError("remasking_strategy must be a string", param="remasking_strategy")
-        given["remasking_strategy"] = strategy
+        values = {o.name: body.get(o.request_field) for o in DECODING_OPTIONS}
+        labels = {o.name: o.request_field for o in DECODING_OPTIONS}
+        if body.get("max_completion_tokens") is not None:
+            values["max_new_tokens"], labels["max_new_tokens"] = body["max_completion_tokens"], "max_completion_tokens"
         try:
-            opts = resolve_generate_options(self.model, **{k: v for k, v in given.items() if v is not None})
+            given = parse_options(values, labels=labels,
+                                  highs={"max_new_tokens": limit, "block_size": self.config.max_block_size,
+                                         "denoising_steps": self.config.max_block_size})
+        except OptionError as exc:
+            raise RequestError(str(exc), param=labels[exc.name]) from None
+        try:
+            opts = resolve_generate_options(self.model, **given)
         except (ValueError, TypeError) as exc:
             raise RequestError(str(exc)) from None
         if opts.max_new_tokens > limit:
             opts.max_new_tokens = limit  # the checkpoint's default may exceed the server's bound
+        if opts.block_size > self.config.max_block_size:
+            raise RequestError(f"block_size {opts.block_size} (the checkpoint's default) is larger than this server's "
+                               f"bound of {self.config.max_block_size}", param="block_size")
         return opts
 
     def _check_unsupported(self, body: dict) -> None:
@@ -240,8 +256,8 @@ class BardServer:
                 f"unknown fields {unknown}; Bard decoding options are {list(BARD_FIELDS)}", param=unknown[0]
             )
 
-    def prepare(self, body: Any) -> _Prepared:
-        """Validate a chat-completions body and build the model inputs (runs in a worker thread)."""
+    def validate(self, body: Any) -> _Prepared:
+        """Check everything but the media, cheaply (no image decoding, no processor): fields, options, stops."""
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
         model = body.get("model")
@@ -264,7 +280,14 @@ class BardServer:
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > self.config.max_stop:
             raise RequestError(f"stop must be a non-empty string or a list of at most {self.config.max_stop}", param="stop")
         options = self._options(body)
-        temp_files: list[str] = []
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list", param="messages")
+        return _Prepared({}, options, stops, stream, bool(stream_options.get("include_usage")), [])
+
+    def build_inputs(self, body: dict, prepared: _Prepared) -> _Prepared:
+        """Decode the media and run the processor (in a worker thread, after the queue check)."""
+        temp_files = prepared.temp_files
         try:
             messages = self._messages(body, temp_files)
             try:
@@ -289,7 +312,13 @@ class BardServer:
         except BaseException:
             _remove(temp_files)
             raise
-        return _Prepared(inputs, options, stops, stream, bool(stream_options.get("include_usage")), temp_files)
+        prepared.inputs = inputs
+        return prepared
+
+    def prepare(self, body: Any) -> _Prepared:
+        """Validate a chat-completions body and build the model inputs (runs in a worker thread)."""
+        prepared = self.validate(body)
+        return self.build_inputs(body, prepared)
 
     # ------------------------------------------------------------------------------ app
     def _build_app(self) -> Any:
@@ -316,7 +345,11 @@ class BardServer:
         async def chat(http: HTTPRequest) -> Any:
             try:
                 body = await server._read_json(http)
-                prepared = await run_in_threadpool(server.prepare, body)
+                prepared = server.validate(body)  # cheap checks first
+                if not server.batcher.has_room():  # before any image decoding or processor work
+                    return _error(429, f"the server is busy: {server.batcher.queued} requests are waiting "
+                                       f"(the bound is {server.config.max_queue}); retry later")
+                prepared = await run_in_threadpool(server.build_inputs, body, prepared)
             except RequestError as exc:
                 return _error(exc.status, str(exc), exc.param)
             loop = asyncio.get_running_loop()
@@ -324,6 +357,7 @@ class BardServer:
             request = Request(
                 inputs=prepared.inputs,
                 options=prepared.options,
+                timeout=server.config.request_timeout,
                 on_block=lambda ids, finished: loop.call_soon_threadsafe(events.put_nowait, ("block", ids)),
                 on_done=lambda: loop.call_soon_threadsafe(events.put_nowait, ("done", None)),
             )
@@ -332,6 +366,9 @@ class BardServer:
             except QueueFull as exc:
                 _remove(prepared.temp_files)
                 return _error(429, f"the server is busy: {exc}")
+            except RequestTooLarge as exc:
+                _remove(prepared.temp_files)
+                return _error(413, str(exc), "max_tokens")
             except BatcherStopped as exc:
                 _remove(prepared.temp_files)
                 return _error(503, str(exc))
@@ -343,12 +380,17 @@ class BardServer:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             try:
-                text, finish = await server._collect(request, prepared, events)
+                collected = await server._collect(request, prepared, events, http)
             except asyncio.CancelledError:
                 request.cancel()
                 raise
             finally:
                 _remove(prepared.temp_files)
+            if collected is None:  # the client went away: it left the batch, nobody reads an answer
+                return _error(499, "the client closed the connection")
+            text, finish = collected
+            if isinstance(request.error, DeadlineExceeded):
+                return _error(504, str(request.error))
             if request.error is not None:
                 return _error(500, f"decoding failed: {type(request.error).__name__}: {request.error}")
             return {
@@ -367,12 +409,21 @@ class BardServer:
         length = http.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise RequestError(f"the request body is larger than {limit} bytes", status=413)
-        chunks, size = [], 0
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"the request body is larger than {limit} bytes", status=413)
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(f"the request body is larger than {limit} bytes", status=413)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), timeout=self.config.body_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.config.body_timeout:g} s",
+                               status=408) from None
         try:
             return json.loads(b"".join(chunks) or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -388,11 +439,21 @@ class BardServer:
         eos = set(request.options.eos_token_ids)
         return "stop" if stopped or (request.tokens and request.tokens[-1] in eos) else "length"
 
-    async def _collect(self, request: Request, prepared: _Prepared, events: asyncio.Queue) -> tuple[str, str]:
+    async def _collect(self, request: Request, prepared: _Prepared, events: asyncio.Queue,
+                       http: Any = None) -> tuple[str, str] | None:
+        """The whole answer of a non-streaming request; ``None`` when its client disconnected first (the
+        request is then cancelled: it leaves its batch at the end of the running block)."""
         stops = _StopFilter(prepared.stops)
         stream = TextStream(self._decoder)
         while True:
-            kind, ids = await events.get()
+            try:
+                kind, ids = await asyncio.wait_for(events.get(), timeout=self.config.disconnect_poll_s)
+            except asyncio.TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    request.cancel()
+                    self.disconnected += 1
+                    return None
+                continue
             if kind == "done":
                 break
             if not stops.stopped:
@@ -433,7 +494,8 @@ class BardServer:
                 yield chunk({"content": text}, extra={"bard": {"block": block, "tokens": len(ids)}})
                 block += 1
             if request.error is not None:
-                message = f"decoding failed: {type(request.error).__name__}: {request.error}"
+                message = (str(request.error) if isinstance(request.error, DeadlineExceeded)
+                           else f"decoding failed: {type(request.error).__name__}: {request.error}")
                 yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n".encode()
                 return
             tail = "" if stops.stopped else stops.feed(stream.push([], final=True))
@@ -505,8 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow image/video file paths below this directory (default: data: URLs only)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="most requests decoding at once, over all option sets; more wait in the queue")
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get HTTP 429")
+    parser.add_argument("--max-positions", type=int, default=262144,
+                        help="most KV positions (prompt + max_tokens in whole blocks) of the running requests together")
+    parser.add_argument("--max-block-size", type=int, default=MAX_BLOCK_SIZE, help="largest block_size a request may ask")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds a request may take from arrival to its last token (then 504); 0 = none")
+    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body (then 408)")
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     parser.add_argument("--max-prompt-tokens", type=int, default=32768)
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
@@ -542,6 +611,10 @@ def main(argv: list[str]) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_positions=args.max_positions,
+        max_block_size=args.max_block_size,
+        request_timeout=args.request_timeout or None,
+        body_timeout=args.body_timeout,
     )
     server = BardServer(model, processor, config)
     import uvicorn
