@@ -44,7 +44,7 @@ def test_teacher_stage_converts_the_larger_parent_and_chains_its_pbm_stages(tmp_
 
     large = write_tiny_qwen3_vl(tmp_path / "large", hidden_size=64)
     runs = record_training(monkeypatch)
-    ctx = _ctx(tmp_path, [f"model.teacher_init={large}", "teacher.max_steps=[3,2]"])
+    ctx = _ctx(tmp_path, [f"model.teacher_init={large}", "teacher.max_steps=[3,2]", f"teacher.work_dir={tmp_path}/t"])
     out = stages.stage_teacher(ctx)
     assert [r["dataloader.collate_fn.block_size"] for r in runs] == [2, 4]
     assert [r["step_scheduler.max_steps"] for r in runs] == [3, 2]
@@ -57,6 +57,12 @@ def test_teacher_stage_converts_the_larger_parent_and_chains_its_pbm_stages(tmp_
     assert runs[0]["dataset._target_"].endswith("census_dataset") and runs[0]["dataset.split"] == "train"
     assert runs[0]["validation_dataset.split"] == "validation"  # never the test split
     assert out["block_size"] == 4 and [m["name"] for m in out["models"]] == ["ar_large", "teacher_b4"]
+    # one teacher for every run seed: its own seed and manifest, so another seed's run finds it trained
+    assert runs[0]["seed"] == stages.derive_seed(0, "teacher_b2")
+    runs.clear()
+    again = stages.stage_teacher(_ctx(tmp_path / "seed1", [f"model.teacher_init={large}", "teacher.max_steps=[3,2]",
+                                                           f"teacher.work_dir={tmp_path}/t", "seed=1"]))
+    assert runs == [] and again["model_dir"] == out["model_dir"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -78,7 +84,7 @@ def test_census_config_errors_before_any_work(tmp_path, overrides, message):
 def test_census_main_job_end_to_end_on_tiny_steps(tmp_path):
     """Every stage of the main job for real (shipped parents, teacher, PBM 2->4->8, SWD B=8 with its control,
     self-distillation with its control), a few steps each; the report pairs every model with its control."""
-    overrides = ["teacher.max_steps=2", "pbm.block_sizes=[2,4,8]", "pbm.max_steps=2", "pbm.first_stage_steps=2",
+    overrides = ["teacher.max_steps=2", f"teacher.work_dir={tmp_path}/teacher", "pbm.block_sizes=[2,4,8]", "pbm.max_steps=2", "pbm.first_stage_steps=2",
                  "swd.student_block_sizes=[8]", "swd.max_steps=2", "evaluate.num_samples=4", "evaluate.batch_size=4",
                  "evaluate.max_new_tokens=24", "evaluate.speed_samples=1", "evaluate.speed_repeats=2",
                  "stages=[ar_init,teacher,pbm,swd,self_distill,evaluate,report]", "self_distill.block_size=8",

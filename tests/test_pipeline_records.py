@@ -11,7 +11,7 @@ from nemo_automodel_bard.pipeline.records import TrainedModel, trained_models
 
 def test_stages_record_every_model_with_its_block_size(tmp_path, monkeypatch):
     record_training(monkeypatch)
-    ctx = _ctx(tmp_path, ["swd.anchor_extra_steps=5", "self_distill.max_steps=2"])
+    ctx = _ctx(tmp_path, ["data=shapes", "swd.anchor_extra_steps=5", "self_distill.max_steps=2"])
     ctx.outputs["ar_init"] = {"model_dir": str(tmp_path / "init"),
                               "models": [TrainedModel("ar", str(tmp_path / "init"), None).to_dict()]}
     ctx.outputs["pbm"] = stages.stage_pbm(ctx)

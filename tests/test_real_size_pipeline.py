@@ -28,7 +28,7 @@ def test_real_sizes_have_no_tiny_step_caps(size):
     assert cfg.pbm.max_steps is None and cfg.pbm.first_stage_steps is None
     assert cfg.swd.max_steps is None and cfg.swd.anchor_extra_steps == 0 and cfg.threads is None
     tiny = _compose([])
-    assert tiny.pbm.max_steps == 300 and tiny.swd.max_steps == 120 and tiny.threads == 2
+    assert tiny.pbm.max_steps == 200 and tiny.swd.max_steps == 100 and tiny.threads == 2
 
 
 @pytest.mark.slow

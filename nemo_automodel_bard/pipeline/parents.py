@@ -74,8 +74,12 @@ def build_parent(name: str, work_dir: str | Path, install: bool = False, eval_sa
     export = run / "final"
     if not (export / "config.json").is_file():
         raise ParentError(f"{run}: no export at final/")
+    from nemo_automodel_bard.recipes.ar_init import convert_ar_to_bard
+
+    # decoded autoregressively through a Bard-VL view of the same weights (as the pipeline's AR baseline)
+    view = convert_ar_to_bard(export, Path(work_dir) / f"{name}_bard_view", block_size=2, overwrite=True)
     records = heldout_records({"kind": "census", "seed": 0}, eval_samples, split="validation")
-    result = evaluate_model(export, records, data_kind="census", mode="ar", batch_size=25, max_new_tokens=160)
+    result = evaluate_model(view, records, data_kind="census", mode="ar", batch_size=25, max_new_tokens=160)
     target = PARENTS_ROOT / name if install else Path(work_dir) / f"{name}_export"
     if target.exists():
         shutil.rmtree(target)

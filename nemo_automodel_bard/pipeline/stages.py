@@ -310,6 +310,26 @@ def stage_ar_init(ctx: Context) -> dict[str, Any]:
     return _convert(ctx, "ar_init", source, "ar")
 
 
+def _teacher_context(ctx: Context) -> Context:
+    """Where and with which seed the teacher trains: ``teacher.seed`` (an int: one teacher for every run seed, as
+    one released teacher serves every student; ``null``: the run seed) and ``teacher.work_dir`` (its own manifest,
+    so the runs of several seeds share the trained teacher; ``null``: the run's work_dir)."""
+    section = ctx.cfg["teacher"]
+    seed = section.get("seed")
+    work_dir = section.get("work_dir")
+    if seed is None and not work_dir:
+        return ctx
+    cfg = {**ctx.cfg, "seed": ctx.seed if seed is None else int(seed)}
+    if not work_dir:
+        return Context(cfg=cfg, work_dir=ctx.work_dir, output_dir=ctx.output_dir, repo_root=ctx.repo_root,
+                       manifest=ctx.manifest, outputs=ctx.outputs, streams={})
+    path = Path(work_dir)
+    path = path if path.is_absolute() else Path.cwd() / path
+    path.mkdir(parents=True, exist_ok=True)
+    return Context(cfg=cfg, work_dir=path, output_dir=ctx.output_dir, repo_root=ctx.repo_root, manifest=Manifest(path),
+                   outputs=ctx.outputs, streams={})
+
+
 def stage_teacher(ctx: Context) -> dict[str, Any]:
     """The SWD teacher, as published: a *larger* AR parent (``model.teacher_init``) converted and trained with PBM
     up to the teacher's small block size (``teacher.block_sizes``, e.g. 2 -> 4), then kept fixed. Its AR parent
@@ -320,6 +340,7 @@ def stage_teacher(ctx: Context) -> dict[str, Any]:
     if not source:
         raise ValueError("stage teacher needs model.teacher_init (the larger AR parent: a directory or parent:large)")
     section = ctx.cfg["teacher"]
+    ctx = _teacher_context(ctx)
     converted = _convert(ctx, "teacher_ar_init", resolve_init(source), "ar_large")
     models = list(converted["models"])
     current, block = converted["model_dir"], None
