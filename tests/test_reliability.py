@@ -256,7 +256,7 @@ CONFIG_CASES = [
     (["data=jsonl", "data.path=/no/such.jsonl"], "data.path: /no/such.jsonl does not exist"),
     (["pbm.block_sizes=[]"], "pbm.block_sizes: empty"),
     (["swd.direction=sideways"], "swd.direction must be 'forward' or 'reverse'"),
-    (["swd.anchor=random"], "swd.anchor must be 'fixed' or 'previous'"),
+    (["swd.anchor=random"], "swd.anchor must be 'teacher', 'fixed' or 'previous'"),
 ]
 
 

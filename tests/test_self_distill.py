@@ -173,7 +173,7 @@ def test_stage_decodes_its_own_stream_and_trains_on_the_kept_answers(tmp_path, m
                 "accuracy": 1.0, "tokens_per_forward": 1.0}
 
     monkeypatch.setattr(trajectories, "write_trajectories", fake_write)
-    ctx = _ctx(tmp_path, ["self_distill.max_steps=3"])
+    ctx = _ctx(tmp_path, ["data=shapes", "self_distill.max_steps=3"])
     ctx.outputs["pbm"] = {"b32_dir": str(tmp_path / "b32")}
     out = stages.stage_self_distill(ctx)
     (run,) = runs
@@ -195,7 +195,7 @@ def test_stage_decodes_its_own_stream_and_trains_on_the_kept_answers(tmp_path, m
     # fewer prompts than the stage's images
     other = tmp_path / "fewer"
     other.mkdir()
-    ctx = _ctx(other, ["self_distill.max_steps=3", "self_distill.num_prompts=40"])
+    ctx = _ctx(other, ["data=shapes", "self_distill.max_steps=3", "self_distill.num_prompts=40"])
     ctx.outputs["pbm"] = {"b32_dir": str(tmp_path / "b32")}
     stages.stage_self_distill(ctx)
     assert seen["n"] == 40
@@ -214,6 +214,6 @@ def test_stage_config_errors_are_clear(tmp_path, overrides, message):
     from nemo_automodel_bard.pipeline.app import run_pipeline
     from nemo_automodel_bard.pipeline.validate import PipelineConfigError
 
-    cfg = _config(tmp_path, ["stages=[ar_pretrain,ar_init,pbm,swd,self_distill]", *overrides])
+    cfg = _config(tmp_path, ["data=shapes", "stages=[ar_pretrain,ar_init,pbm,swd,self_distill]", *overrides])
     with pytest.raises(PipelineConfigError, match=message):
         run_pipeline(cfg)
