@@ -45,13 +45,13 @@ def _curve(log_dir: Path) -> list[list[float]]:
 
 def run_build(name: str, out_dir: str | Path, steps: int = BUILD_STEPS, max_steps: int | None = None) -> Path:
     """Train parent ``name`` into ``out_dir`` (a fresh process, ``BUILD_THREADS`` threads); return ``out_dir``.
-    ``max_steps`` stops early on the same data and schedule (the reproducibility test)."""
+    ``max_steps`` stops after that many steps of the same data and schedule (the reproducibility test)."""
     from .environment import resource_root
     from .launch import stage_process_command
 
     overrides = build_overrides(name, steps)
-    if max_steps is not None:
-        overrides["step_scheduler.max_steps"] = int(max_steps)
+    if max_steps is not None:  # the full run's schedule, stopped early
+        overrides["bard.stop_after_steps"] = int(max_steps)
     overrides["checkpoint.checkpoint_dir"] = str(Path(out_dir).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": str(BUILD_THREADS)}
     cmd = stage_process_command(resource_root() / RECIPE, overrides)
