@@ -249,10 +249,20 @@ def run_stage_seconds(ctx: Any) -> dict[str, float]:
     """Wall seconds of the stages this run used: training stages whose outputs this run's stages returned (a
     stage left in the manifest by another configuration, e.g. an anchor a later run no longer trains, is not
     counted) and the evaluations written to this run's output directory."""
+    from .manifest import Manifest
+
     used = _strings(ctx.outputs)
     own_eval = f"evaluate:{ctx.output_dir}:"
     out: dict[str, float] = {}
-    for name, entry in ctx.manifest.entries.items():
+    manifests = [ctx.manifest]
+    teacher_dir = (ctx.cfg.get("teacher") or {}).get("work_dir")
+    if "teacher" in ctx.outputs and teacher_dir:  # the teacher's own manifest (shared by the run seeds)
+        path = Path(teacher_dir)
+        path = path if path.is_absolute() else Path.cwd() / path
+        if (path / "manifest.json").is_file() and path.resolve() != Path(ctx.work_dir).resolve():
+            manifests.append(Manifest(path))
+    entries = [item for manifest in manifests for item in manifest.entries.items()]
+    for name, entry in entries:
         if not isinstance(entry, dict) or "seconds" not in entry or name.startswith("stage:"):
             continue
         if name.startswith("evaluate:"):

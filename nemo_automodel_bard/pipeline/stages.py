@@ -349,13 +349,14 @@ def stage_teacher(ctx: Context) -> dict[str, Any]:
     steps = [int(s) for s in steps] if isinstance(steps, (list, tuple)) else [int(steps)] * len(blocks)
     if len(steps) != len(blocks):
         raise ValueError(f"teacher.max_steps has {len(steps)} entries for {len(blocks)} block sizes {blocks}")
-    log_dir = None
+    log_dir, stage_dirs = None, []
     for i, (block, n) in enumerate(zip(blocks, steps)):
         out = _pbm_stage(ctx, block, current, n, f"teacher_b{block}", first=i == 0,
                          extra_overrides=section.get("overrides") or {})
         current, log_dir = out["model_dir"], out["log_dir"]
+        stage_dirs.append(current)
     models.append(TrainedModel(f"teacher_b{block}", current, block, log_dir).to_dict())
-    return {"model_dir": current, "block_size": block, "models": models}
+    return {"model_dir": current, "block_size": block, "models": models, "stage_dirs": stage_dirs}
 
 
 def applies_at(value: Any, block: int) -> bool:
