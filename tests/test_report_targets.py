@@ -62,3 +62,21 @@ def test_run_time_counts_only_the_stages_this_run_used(tmp_path):
     seconds = run_stage_seconds(ctx)
     assert sorted(seconds) == sorted(["pbm_b4", "swd_ce_b32", f"evaluate:{tmp_path / 'out'}:pbm_b4@0.9"])
     assert sum(seconds.values()) == 152.0
+
+
+def test_census_targets_pair_records_and_pool_seeds():
+    from nemo_automodel_bard.pipeline.targets import ModelScores, census_targets, paired, sign_test
+
+    def scores(acc, tpf, correct):
+        return ModelScores(accuracy=acc, tokens_per_forward=tpf, correct=correct)
+
+    right, wrong = [True] * 10, [False] * 10
+    models = {"ar": scores([0.80, 0.80], [1, 1], [right[:8] + wrong[:2]] * 2),
+              "ar_large": scores([0.90, 0.90], [1, 1], [right[:9] + wrong[:1]] * 2),
+              "teacher_b4": scores([0.795, 0.795], [2, 2], [right] * 2),
+              "swd_kd_b16": scores([0.80, 0.80], [8, 8], [right[:8] + wrong[:2]] * 2),
+              "swd_ce_b16": scores([0.70, 0.70], [8, 8], [right[:7] + wrong[:3]] * 2),
+              "swd_kd_b32": scores([0.78, 0.78], [16, 16], [right] * 2)}
+    assert paired(models["swd_ce_b16"], models["swd_kd_b16"]) == (2, 0, sign_test(2, 0))  # pooled over 2 seeds
+    met = {text.split(" ")[0] + text.split(" ")[1]: ok for text, _, ok in census_targets(models, [600.0, 1300.0])}
+    assert met == {"largeAR": True, "teacher(large,": True, "SWDB=16": False, "SWDB=32": True, "eachrun": False}

@@ -255,7 +255,7 @@ def run_stage_seconds(ctx: Any) -> dict[str, float]:
     own_eval = f"evaluate:{ctx.output_dir}:"
     out: dict[str, float] = {}
     manifests = [ctx.manifest]
-    teacher_dir = (ctx.cfg.get("teacher") or {}).get("work_dir")
+    teacher_dir = ((getattr(ctx, "cfg", None) or {}).get("teacher") or {}).get("work_dir")
     if "teacher" in ctx.outputs and teacher_dir:  # the teacher's own manifest (shared by the run seeds)
         path = Path(teacher_dir)
         path = path if path.is_absolute() else Path.cwd() / path
