@@ -22,15 +22,9 @@ import torch
 
 from nemo_automodel_bard.decoding.inputs import MEDIA_KEYS
 
-from .media import PIXEL_KEYS, item_kind, load_image_item, load_video_item, processor_video_kwargs
-from .records import (
-    ROLES,
-    SampleSkipped,
-    answer_special_ids,
-    check_answer_tokens,
-    check_media_placeholders,
-    check_prompt_placeholders,
-)
+from .chat_inputs import prompt_inputs
+from .media import PIXEL_KEYS, item_kind
+from .records import SampleSkipped, answer_special_ids, check_answer_tokens
 from .rope import qwen3_vl_rope_index
 
 logger = logging.getLogger(__name__)
@@ -86,8 +80,6 @@ class ARChatCollator:
         self.image_token_id = int(getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids("<|image_pad|>"))
         self.video_token_id = int(getattr(processor, "video_token_id", None) or tok.convert_tokens_to_ids("<|video_pad|>"))
         self.merge = int(getattr(processor.image_processor, "merge_size", 2) or 2)
-        self._patch_size = int(getattr(processor.image_processor, "patch_size", 16) or 16)
-        self._media_factor = self._patch_size * self.merge
         vision = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
         self._answer_special_ids = answer_special_ids(tok, [self.image_token_id, self.video_token_id, self.im_end_id,
                                                             *vision])
@@ -98,33 +90,6 @@ class ARChatCollator:
         self.epoch = int(epoch)
 
     # ------------------------------------------------------------------ one record
-    def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list, list, list, list]:
-        rendered, images, videos, video_metadata = [], [], [], []
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, Mapping) or msg.get("role") not in ROLES:
-                raise SampleSkipped(f"message {i} is not a {{'role', 'content'}} dict with a known role")
-            content = msg.get("content")
-            if isinstance(content, str):
-                rendered.append({"role": msg["role"], "content": content})
-                continue
-            if not isinstance(content, (list, tuple)):
-                raise SampleSkipped(f"message {i} content must be a string or a list")
-            items = []
-            for item in content:
-                kind = item_kind(item)
-                if kind == "image":
-                    images.append(load_image_item(item, self.image_root, self._media_factor))
-                    items.append({"type": "image"})
-                elif kind == "video":
-                    video, metadata = load_video_item(item, self.image_root, self._patch_size, self._media_factor)
-                    videos.append(video)
-                    video_metadata.append(metadata)
-                    items.append({"type": "video"})
-                else:
-                    items.append({"type": "text", "text": str(item.get("text") or "")})
-            rendered.append({"role": msg["role"], "content": items})
-        return rendered, images, videos, video_metadata
-
     def _response(self, message: Mapping[str, Any]) -> str:
         content = message.get("content")
         if isinstance(content, str):
@@ -153,23 +118,9 @@ class ARChatCollator:
             raise SampleSkipped("no assistant turn")
         turn = turns[-1]
         text = self._response(messages[turn])
-        rendered, images, videos, video_metadata = self._render(messages[:turn])
-        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        prompt_text = owner.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
-        check_prompt_placeholders(prompt_text, self.processor, len(images), len(videos))
-        try:
-            out = self.processor(text=[prompt_text], images=images or None, videos=videos or None, return_tensors="pt",
-                                 **processor_video_kwargs(video_metadata))
-        except Exception as exc:
-            raise SampleSkipped(f"processor failed: {type(exc).__name__}: {exc}") from None
-        check_media_placeholders(out, self.image_token_id, self.video_token_id, len(images), len(videos), self.merge)
+        out = prompt_inputs(self.processor, messages[:turn], self.image_root)  # the prompt, as every caller encodes it
         prompt = out["input_ids"][0].to(torch.int64)
-        mm = out.get("mm_token_type_ids")
-        if mm is None:
-            mm = torch.zeros_like(out["input_ids"])
-            mm[out["input_ids"] == self.image_token_id] = 1
-            mm[out["input_ids"] == self.video_token_id] = 2
-        mm = mm[0].to(torch.int64)
+        mm = out["mm_token_type_ids"][0].to(torch.int64)
         answer = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
         check_answer_tokens(answer, self._answer_special_ids, self.tokenizer, turn)
         response = torch.cat([answer, torch.tensor([self.im_end_id], dtype=torch.int64)])

@@ -60,14 +60,13 @@ from nemo_automodel_bard.diffusion.noise import (
 from nemo_automodel_bard.diffusion.losses import REDUCTIONS
 from nemo_automodel_bard.models.bard_vl.configuration_bard_vl import QWEN3_VL_MASK_TOKEN_ID
 
-from .media import PIXEL_KEYS, item_kind, load_image_item, load_video_item, processor_video_kwargs
+from .chat_inputs import prompt_inputs
+from .media import PIXEL_KEYS, item_kind
 from .records import (
     ROLES,
     SampleSkipped,
     answer_special_ids,
     check_answer_tokens,
-    check_media_placeholders,
-    check_prompt_placeholders,
 )
 from .rope import Qwen3VLRopeIndex
 
@@ -252,8 +251,6 @@ class BardVLCollator:
             tokenizer, [*vision_ids, self.mask_token_id, self.im_end_id, self.pad_block_token_id])
         image_processor = getattr(processor, "image_processor", None)
         self.spatial_merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
-        self._patch_size = int(getattr(image_processor, "patch_size", 16) or 16)
-        self._media_factor = self._patch_size * self.spatial_merge_size
         self._rope = Qwen3VLRopeIndex(self.spatial_merge_size)
 
         self.substitution_ids: Optional[torch.Tensor] = None
@@ -349,56 +346,10 @@ class BardVLCollator:
         return text
 
     def _prompt_inputs(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Render and process the prompt (every image/video processed once). Returns the processor
-        output: ``input_ids [1, P]``, ``mm_token_type_ids [1, P]`` and the pixel inputs."""
-        rendered, images, videos, video_metadata = [], [], [], []
-        for msg in messages:
-            content = msg["content"]
-            if isinstance(content, str):
-                rendered.append({"role": msg["role"], "content": content})
-                continue
-            items = []
-            for item in content:
-                kind = item_kind(item)
-                if kind == "image":
-                    images.append(load_image_item(item, self.image_root, self._media_factor))
-                    items.append({"type": "image"})
-                elif kind == "video":
-                    video, metadata = load_video_item(item, self.image_root, self._patch_size, self._media_factor)
-                    videos.append(video)
-                    video_metadata.append(metadata)
-                    items.append({"type": "video"})
-                else:
-                    items.append({"type": "text", "text": str(item.get("text") or "")})
-            rendered.append({"role": msg["role"], "content": items})
-        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        text = template_owner.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
-        if videos and getattr(self.processor, "video_processor", None) is None:
-            raise SampleSkipped("sample has a video but the processor has no video processor")
-        check_prompt_placeholders(text, self.processor, len(images), len(videos))
-        try:
-            out = self.processor(
-                text=[text],
-                images=images or None,
-                videos=videos or None,
-                return_tensors="pt",
-                **processor_video_kwargs(video_metadata),
-            )
-        except SampleSkipped:
-            raise
-        except Exception as exc:  # processor errors: placeholder count mismatches, undecodable videos, ...
-            raise SampleSkipped(f"processor failed: {type(exc).__name__}: {exc}") from None
-        check_media_placeholders(out, self.image_token_id, self.video_token_id, len(images), len(videos),
-                                 self.spatial_merge_size)
-        ids = out["input_ids"]
-        if out.get("mm_token_type_ids") is None:
-            mm = torch.zeros_like(ids)
-            if self.image_token_id is not None:
-                mm[ids == self.image_token_id] = 1
-            if self.video_token_id is not None:
-                mm[ids == self.video_token_id] = 2
-            out["mm_token_type_ids"] = mm
-        return out
+        """The prompt's processor inputs, encoded as every caller encodes a chat
+        (:func:`~nemo_automodel_bard.data.chat_inputs.prompt_inputs`; every image/video processed once):
+        ``input_ids [1, P]``, ``mm_token_type_ids [1, P]`` and the pixel inputs."""
+        return prompt_inputs(self.processor, messages, self.image_root)
 
     def _prepare_turn(
         self, messages: list[dict], turn: int, index: int, generator: torch.Generator

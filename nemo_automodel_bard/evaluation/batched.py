@@ -132,9 +132,10 @@ class BatchedBardVL:
         pretrained: local model directory.
         batch_size: prompts per ``generate`` call.
         system_prompt: a system message before every question (``""``: none).
-        min_pixels, max_pixels: image resizing bounds for ``qwen_vl_utils`` (``max_pixels``: 1605632 as lmms-eval's
-            Qwen3-VL model; ``min_pixels``: qwen_vl_utils's default; ``0``: no bound of ours).
-        max_num_frames, fps: video sampling for ``qwen_vl_utils``.
+        min_pixels, max_pixels: each image item's Qwen-VL size keys (``max_pixels``: 1605632 as lmms-eval's
+            Qwen3-VL model; ``min_pixels``: none of ours, one vision token; ``0``: no bound of ours); the processor's
+            own limits apply after them (:mod:`nemo_automodel_bard.data.chat_inputs`).
+        max_num_frames, fps: video sampling (``qwen_vl_utils.fetch_video``).
         stats_path: append each run's report as one JSON line to this file.
         **decoding: :data:`DECODING_ARGS` (they win over the task's generation kwargs).
     """
@@ -214,8 +215,9 @@ class BatchedBardVL:
         return messages + [{"role": "user", "content": content}]
 
     def encode(self, conversations: list[list[dict[str, Any]]]) -> dict[str, Any]:
-        """One left-padded processor batch of several conversations (the server's and ``infer``'s encoding)."""
-        from nemo_automodel_bard.serving.prompt import encode_chats
+        """One left-padded processor batch of several conversations (the one encoding of ``infer``, the server, the
+        pipeline's evaluation and the collators' prompts)."""
+        from nemo_automodel_bard.data.chat_inputs import encode_chats
 
         return encode_chats(self.processor, conversations, padding=True)
 

@@ -46,10 +46,15 @@ def _answer_text(message: dict[str, Any]) -> str:
     return "".join(item.get("text", "") for item in content if isinstance(item, dict))
 
 
+#: patch size the record check reads videos with (readability does not depend on it; encoding uses the processor's)
+_CHECK_PATCH = 16
+
+
 def _check_eval_record(record: Any) -> str | None:
-    """Why a held-out record cannot be evaluated (structure, texts, an answer, readable images), or ``None``."""
+    """Why a held-out record cannot be evaluated (structure, texts, an answer, readable images and videos), or
+    ``None``."""
     from nemo_automodel_bard.data.chat_dataset import validate_record
-    from nemo_automodel_bard.data.media import load_image
+    from nemo_automodel_bard.data.media import load_image, load_video_item
     from nemo_automodel_bard.data.records import SampleSkipped
 
     if isinstance(record, dict) and record.get("error"):
@@ -74,8 +79,11 @@ def _check_eval_record(record: Any) -> str | None:
                     load_image(ref)
                 except SampleSkipped as exc:
                     return f"message {i}: {exc.reason}"
-            elif kind == "video":
-                return f"message {i}: video items are not evaluated yet (images and text only)"
+            elif kind == "video":  # decoded once here so that an unreadable video stops nothing later
+                try:
+                    load_video_item(item, None, _CHECK_PATCH, 2 * _CHECK_PATCH)
+                except SampleSkipped as exc:
+                    return f"message {i}: {exc.reason}"
     last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
     if not _answer_text(messages[last]).strip():
         return "the reference answer is empty"
@@ -225,18 +233,14 @@ def _batches(records: Sequence[EvalRecord], size: int) -> Iterable[Sequence[Eval
         yield records[start : start + size]
 
 
-def _encode(processor: Any, records: Sequence[EvalRecord]) -> Any:
-    from nemo_automodel_bard.data.media import load_image
+def _encode(processor: Any, records: Sequence[EvalRecord]) -> dict[str, Any]:
+    """One left-padded batch of the records' prompts, encoded as ``infer``, the server, the lmms-eval plugin and
+    the collators encode a chat (:func:`nemo_automodel_bard.data.chat_inputs.encode_chats`: images and videos with
+    their per-item keys)."""
+    from nemo_automodel_bard.data.chat_inputs import encode_chats
 
-    texts, images = [], []
-    for record in records:
-        texts.append(processor.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True))
-        for message in record.messages:
-            if isinstance(message.get("content"), list):
-                images += [load_image(item.get("image")) for item in message["content"]
-                           if isinstance(item, dict) and item.get("type") == "image"]
     processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    return encode_chats(processor, [record.messages for record in records], padding=True)
 
 
 def evaluate_model(
@@ -276,6 +280,7 @@ def evaluate_model(
     from transformers import AutoProcessor
 
     from nemo_automodel_bard import BardVLForConditionalGeneration
+    from nemo_automodel_bard.data.chat_inputs import ChatInputError
     from nemo_automodel_bard.decoding import block_diffusion_generate
     from nemo_automodel_bard.decoding.autoregressive import ar_generate
 
@@ -299,7 +304,11 @@ def evaluate_model(
     elapsed = 0.0
     trajectory = None
     for batch_index, chunk in enumerate(_batches(records, batch_size)):
-        inputs = _encode(processor, chunk)
+        try:
+            inputs = _encode(processor, chunk)
+        except ChatInputError as exc:  # the records passed their check; name the batch's records all the same
+            first = batch_index * batch_size
+            raise EvalDataError(f"records {first}-{first + len(chunk) - 1} (in evaluation order): {exc}") from None
         want_trajectory = (mode != "ar" and record_trajectory_of is not None
                            and batch_index == record_trajectory_of // batch_size)
         start = time.perf_counter()

@@ -1,9 +1,13 @@
-"""Loading a checkpoint for inference, chat messages -> processor inputs, incremental detokenisation."""
+"""Loading a checkpoint for inference, incremental detokenisation, and (re-exported from
+:mod:`nemo_automodel_bard.data.chat_inputs`) chat messages -> processor inputs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+# the one path from a chat to model inputs (shared with the evaluation and the collators' prompt part)
+from nemo_automodel_bard.data.chat_inputs import ChatInputError, encode_chats, encode_messages
 
 
 def default_device() -> str:
@@ -43,46 +47,6 @@ def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: 
     return model, processor
 
 
-def has_media(messages: list[dict[str, Any]]) -> bool:
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list) and any(item.get("type") in ("image", "video") for item in content):
-            return True
-    return False
-
-
-def encode_chats(processor: Any, conversations: list[list[dict[str, Any]]], padding: bool = False) -> dict[str, Any]:
-    """Processor inputs for several chats in the ``qwen_vl_utils`` form: the one path from a chat to model inputs
-    that ``infer``, the server and the evaluation use.
-
-    Each chat is a list of ``{"role": ..., "content": str | [{"type": "text", "text": ...}, {"type": "image",
-    "image": PIL image or path, ...}, {"type": "video", "video": path, ...}]}``. The chat template gives the prompt
-    text (with the generation prompt); images and videos are read and resized by
-    ``qwen_vl_utils.process_vision_info`` (as in the model card), their per-item keys (``min_pixels``,
-    ``max_pixels``, ``fps``, ``max_frames``) included. ``padding``: pad several prompts to one length (on the
-    tokenizer's padding side), with their attention mask.
-    """
-    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    images = videos = None
-    video_kwargs: dict[str, Any] = {}
-    if any(has_media(c) for c in conversations):
-        from qwen_vl_utils import process_vision_info
-
-        images, videos, video_kwargs = process_vision_info(
-            conversations,
-            return_video_kwargs=True,
-            return_video_metadata=False,
-            image_patch_size=processor.image_processor.patch_size,
-        )
-    batch = processor(text=texts, images=images, videos=videos, padding=padding, return_tensors="pt", **video_kwargs)
-    return dict(batch)
-
-
-def encode_messages(processor: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Processor inputs (batch 1, unpadded) for one chat (:func:`encode_chats`)."""
-    return encode_chats(processor, [messages])
-
-
 class TextStream:
     """Turns token ids arriving block by block into text deltas (held back while a UTF-8 sequence is open)."""
 
@@ -119,4 +83,5 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-__all__ = ["TextStream", "cut_at_stop", "default_device", "encode_chats", "encode_messages", "has_media", "load_for_inference"]
+__all__ = ["ChatInputError", "TextStream", "cut_at_stop", "default_device", "encode_chats", "encode_messages",
+           "load_for_inference"]
