@@ -173,6 +173,14 @@ def test_lora_pbm_run_trains_adapters_only_resumes_them_and_exports_both_forms(t
     assert report["logit_gap"] < 1e-4
     assert report["adapter_effect"] > 1e-3  # the adapters were applied, not a no-op
 
+    # bard-vl infer, the server and the lmms-eval plugin load either directory (load_for_inference)
+    from nemo_automodel_bard.serving.prompt import load_for_inference
+
+    (model_a, processor_a), (model_m, processor_m) = (load_for_inference(d, device="cpu") for d in (adapter, final))
+    assert model_a.config.block_size == model_m.config.block_size == 2
+    inputs = processor_a(text=["<|im_start|>user\nwhat colour<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    assert torch.equal(model_a.generate(inputs, max_new_tokens=16), model_m.generate(inputs, max_new_tokens=16))
+
 
 @pytest.mark.slow
 def test_tiny_pipeline_with_lora_adapters(tmp_path):
