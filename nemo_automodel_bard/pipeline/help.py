@@ -69,7 +69,7 @@ def pipeline_help(conf: Path | None = None) -> str:
     for section, body in config.items():
         if isinstance(body, dict) and section != "hydra":
             lines += _wrap(_keys(section, body), "  ")
-    for group in ("model", "data"):
+    for group in ("model", "data", "peft"):
         name = defaults.get(group)
         if name and (conf / group / f"{name}.yaml").is_file():
             body = _load(conf / group / f"{name}.yaml")

@@ -19,13 +19,15 @@ logger = logging.getLogger(__name__)
 
 
 def format_overrides(overrides: Mapping[str, Any]) -> list[str]:
-    """``{"a.b": 1, "c": [1, 2]}`` -> ``["--a.b=1", "--c=[1, 2]"]`` (NeMo's CLI override syntax)."""
+    """``{"a.b": 1, "c": [1, 2], "d": ["x*"]}`` -> ``["--a.b=1", "--c=[1, 2]", "--d=['x*']"]`` (NeMo's CLI override
+    syntax: a value is read with ``ast.literal_eval``, so the strings of a list are quoted, e.g. the LoRA target
+    module patterns)."""
     out = []
     for key, value in overrides.items():
         if isinstance(value, bool):
             value = str(value).lower()
         elif isinstance(value, (list, tuple)):
-            value = "[" + ", ".join(str(v) for v in value) + "]"
+            value = "[" + ", ".join(repr(v) if isinstance(v, str) else str(v) for v in value) + "]"
         elif value is None:
             value = "None"
         out.append(f"--{key}={value}")

@@ -225,11 +225,44 @@ def _training_fingerprint(ctx: Context, yaml_path: Path, full: dict[str, Any]) -
         "overrides": full, "launcher": ctx.launcher, "code": code_digest(TRAINING_CODE), "numerics": numerics()}))
 
 
+PEFT_STAGES = ("pbm", "swd", "self_distill")
+
+
+def peft_overrides(cfg: dict[str, Any], stage: str | None) -> dict[str, Any]:
+    """The recipe's ``peft:`` section for a training run of ``stage`` under the ``peft`` config group (nothing for
+    ``peft=none``, for a stage not in ``peft.stages``, or for ``stage=None``: the teacher and the SWD anchor always
+    train in full). docs/peft.md."""
+    section = cfg.get("peft") or {}
+    name = str(section.get("name", "none"))
+    if name == "none" or stage is None:
+        return {}
+    if name != "lora":
+        raise ValueError(f"peft.name must be 'none' or 'lora', got {name!r}")
+    stages = [str(s) for s in section.get("stages") or ()]
+    unknown = sorted(set(stages) - set(PEFT_STAGES))
+    if unknown:
+        raise ValueError(f"peft.stages: {unknown} do not train a student; valid: {list(PEFT_STAGES)}")
+    if stage not in stages:
+        return {}
+    targets = [str(t) for t in section.get("target_modules") or ()]
+    if section.get("vision", False):
+        targets += [str(t) for t in section.get("vision_target_modules") or ()]
+    if not targets:
+        raise ValueError("peft.target_modules is empty: name the Linear layers that get adapters")
+    dim, alpha = int(section.get("dim", 16)), int(section.get("alpha", 32))
+    if dim < 1 or alpha < 1:
+        raise ValueError(f"peft.dim and peft.alpha must be positive, got {dim} and {alpha}")
+    return {"peft._target_": "nemo_automodel.components._peft.lora.PeftConfig", "peft.target_modules": targets,
+            "peft.dim": dim, "peft.alpha": alpha, "peft.dropout": float(section.get("dropout", 0.0))}
+
+
 def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extra: dict[str, Any],
-           stream: str | None = None) -> dict[str, Any]:
-    """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}``.
-    ``stream`` names the seeds and data the run uses (default: ``name``)."""
+           stream: str | None = None, peft_stage: str | None = None) -> dict[str, Any]:
+    """Run (or skip, or resume) one training recipe; return ``{"model_dir": ..., "log_dir": ...}`` (and
+    ``adapter_dir`` for a LoRA run). ``stream`` names the seeds and data the run uses (default: ``name``);
+    ``peft_stage``: the stage whose ``peft`` setting applies (``None``: full fine-tuning)."""
     yaml_path = ctx.recipe_dir / recipe
+    overrides = {**overrides, **peft_overrides(ctx.cfg, peft_stage)}
     full = _full_overrides(ctx, yaml_path, overrides, extra, stream or name)
     key = _training_fingerprint(ctx, yaml_path, full)
     stage_id = f"{name}"
@@ -247,6 +280,8 @@ def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extr
     if not (model_dir / "config.json").exists():
         raise RuntimeError(f"stage {name} finished without a model directory at {model_dir}")
     outputs = {"model_dir": str(model_dir.resolve()), "log_dir": str(run_dir.resolve())}
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        outputs["adapter_dir"] = str((run_dir / "adapter").resolve())
     ctx.manifest.record(stage_id, key, outputs, time.perf_counter() - started)
     return outputs
 
@@ -379,9 +414,11 @@ def _objective_overrides(section: dict[str, Any], block: int) -> dict[str, Any]:
 
 
 def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: str,
-               first: bool = False, extra_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               first: bool = False, extra_overrides: dict[str, Any] | None = None,
+               peft_stage: str | None = None) -> dict[str, Any]:
     """One PBM run (also the SWD anchor's extra steps); its seeds and data are the stream ``name``.
-    ``first``: the chain's first stage, which also gets ``pbm.first_stage_overrides``."""
+    ``first``: the chain's first stage, which also gets ``pbm.first_stage_overrides``; ``peft_stage``: as in
+    :func:`_train`."""
     section = ctx.cfg["pbm"]
     recipe = section["recipe"]
     overrides = {
@@ -397,7 +434,7 @@ def _pbm_stage(ctx: Context, block: int, init_dir: str, max_steps: int, name: st
     by_block = {int(k): v for k, v in (section.get("stage_overrides") or {}).items()}
     extra.update(by_block.get(int(block)) or {})
     extra.update(extra_overrides or {})
-    return _train(ctx, name, recipe, overrides, extra)
+    return _train(ctx, name, recipe, overrides, extra, peft_stage=peft_stage)
 
 
 def _steps_override(max_steps: int | None) -> dict[str, Any]:
@@ -431,7 +468,7 @@ def stage_pbm(ctx: Context) -> dict[str, Any]:
     current = ctx.outputs["ar_init"]["model_dir"]
     result: dict[str, Any] = {"block_sizes": list(section["block_sizes"]), "models": []}
     for i, (block, steps) in enumerate(zip(section["block_sizes"], pbm_steps(section))):
-        out = _pbm_stage(ctx, int(block), current, steps, f"pbm_b{block}", first=i == 0)
+        out = _pbm_stage(ctx, int(block), current, steps, f"pbm_b{block}", first=i == 0, peft_stage="pbm")
         result[f"b{block}_dir"] = current = out["model_dir"]
         result[f"b{block}_log"] = out["log_dir"]
         result["models"].append(TrainedModel(f"pbm_b{block}", out["model_dir"], int(block), out["log_dir"]).to_dict())
@@ -553,7 +590,7 @@ def stage_swd(ctx: Context) -> dict[str, Any]:
                     result[f"teacher_cache_b{student}"] = overrides["bard.teacher_cache"]
             # the student and its control share one stream: same images, order and noise (a paired comparison)
             out = _train(ctx, f"swd_{label}_b{student}", section["recipe"], overrides, section.get("overrides") or {},
-                         stream=f"swd_b{student}")
+                         stream=f"swd_b{student}", peft_stage="swd")
             result[f"{label}_b{student}_dir"] = out["model_dir"]
             result[f"{label}_b{student}_log"] = out["log_dir"]
             result["models"].append(TrainedModel(f"swd_{label}_b{student}", out["model_dir"], student,
@@ -623,7 +660,7 @@ def stage_self_distill(ctx: Context) -> dict[str, Any]:
     # 2. training on them (the same stream: its seeds; the data are the kept answers)
     extra.update({"dataset._target_": "nemo_automodel_bard.data.factory.make_dataset", "dataset.kind": "jsonl",
                   "dataset.path": done["trajectories"]})
-    out = _train(ctx, "self_distill", section["recipe"], overrides, extra, stream=stream)
+    out = _train(ctx, "self_distill", section["recipe"], overrides, extra, stream=stream, peft_stage="self_distill")
     result = {"block_size": block, "source_dir": source, "model_dir": out["model_dir"], "log_dir": out["log_dir"],
               "models": [TrainedModel(f"self_distill_b{block}", out["model_dir"], block, out["log_dir"]).to_dict()],
               "trajectories": done["trajectories"], "trajectory_summary": done["summary"]}
@@ -631,7 +668,7 @@ def stage_self_distill(ctx: Context) -> dict[str, Any]:
         # the control: the same steps, answers, order and noise without the certainty term (is the gain the
         # term's, or only more fine-tuning on right answers?)
         control = _train(ctx, "self_distill_ce", section["recipe"], {**overrides, "bard.certainty_weight": 0.0}, extra,
-                         stream=stream)
+                         stream=stream, peft_stage="self_distill")
         result.update(control_dir=control["model_dir"], control_log=control["log_dir"])
         result["models"].append(TrainedModel(f"self_distill_ce_b{block}", control["model_dir"], block,
                                              control["log_dir"]).to_dict())

@@ -8,7 +8,7 @@ from typing import Any
 
 from nemo_automodel_bard.diffusion.losses import kd_direction
 
-from .stages import PROCEDURAL_DATA, STAGE_ORDER, pbm_steps
+from .stages import PEFT_STAGES, PROCEDURAL_DATA, STAGE_ORDER, pbm_steps, peft_overrides
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -152,6 +152,11 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     threads = cfg.get("threads")
     if threads is not None:
         _positive_int(threads, "threads")
+    for stage in PEFT_STAGES:  # the peft group: name, stages, targets, rank and alpha (docs/peft.md)
+        try:
+            peft_overrides(cfg, stage)
+        except (TypeError, ValueError) as exc:
+            raise PipelineConfigError(str(exc)) from None
 
     if cfg["data"].get("kind") in PROCEDURAL_DATA:
         size = cfg["data"].get("train_size", "auto")

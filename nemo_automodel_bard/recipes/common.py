@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -680,6 +681,9 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         if not self.checkpointer.config.enabled:
             logger.warning("checkpoint.enabled is false: no model export was written")
             return
+        if getattr(self, "peft_config", None) is not None:
+            self._write_peft_exports()
+            return
         if self.dist_env.is_main:
             consolidated = self._final_consolidated()
             ckpt_dir = Path(self.checkpointer.config.checkpoint_dir)
@@ -716,3 +720,70 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             self.processor.save_pretrained(str(consolidated))
         elif not has_tokenizer:
             logger.warning("%s has no tokenizer files and the run has no processor", consolidated)
+
+    # ------------------------------------------------------------------ LoRA / PEFT exports
+    def _peft_base_dir(self) -> Path:
+        """The local directory of the model the adapters were trained on (``model.pretrained_model_name_or_path``;
+        a hub id resolves to its downloaded snapshot)."""
+        name = str(self.cfg.get("model.pretrained_model_name_or_path", None))
+        local = Path(name).expanduser()
+        if local.is_dir():
+            return local.resolve()
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - reported with the key that names it
+            raise RecipeConfigError(
+                f"model.pretrained_model_name_or_path={name!r}: the LoRA export needs the base weights on disk ({exc})"
+            ) from None
+
+    def _write_peft_exports(self) -> None:
+        """A LoRA run's exports (:mod:`nemo_automodel_bard.recipes.peft_export`): ``<checkpoint_dir>/final`` -> the
+        merged Bard-VL directory (what the next stage loads), ``<checkpoint_dir>/adapter`` -> the adapter directory
+        in the ``peft`` format, both built on rank 0 from the last checkpoint's adapter and the base directory."""
+        from nemo_automodel_bard.recipes.peft_export import ADAPTER_WEIGHTS, merge_lora_into_base, write_adapter_dir
+
+        if self.dist_env.is_main:
+            ckpt_dir = Path(self.checkpointer.config.checkpoint_dir)
+            candidates = ([Path(self._last_checkpoint)] if self._last_checkpoint is not None else []) + [ckpt_dir / "LATEST"]
+            saved = next((c.resolve() / "model" for c in candidates if (c / "model" / ADAPTER_WEIGHTS).is_file()), None)
+            if saved is None:
+                raise RuntimeError(f"a LoRA run ended without an adapter checkpoint under {ckpt_dir} "
+                                   f"(no model/{ADAPTER_WEIGHTS}); no export was written")
+            step_dir = saved.parent.name
+            base = self._peft_base_dir()
+            export = ckpt_dir.resolve() / "peft_export" / step_dir
+            merged, adapter = export / "merged", export / "adapter"
+            for path in (merged, adapter):
+                if path.exists():
+                    shutil.rmtree(path)
+            merge_lora_into_base(base, saved, merged)
+            model = self._unwrapped_model()
+            model.config.save_pretrained(str(merged))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(str(merged))
+            for path in sorted(base.iterdir()):  # processor / tokenizer files the processor does not write itself
+                if path.is_file() and not (merged / path.name).exists() and path.suffix in (".json", ".jinja", ".txt"):
+                    shutil.copyfile(path, merged / path.name)
+            self._complete_export(merged)
+            write_adapter_dir(saved, adapter, str(base), extra_files_from=merged)
+            for name, target in (("final", merged), ("adapter", adapter)):
+                link = ckpt_dir / name
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                os.symlink(os.path.relpath(target, ckpt_dir.resolve()), link, target_is_directory=True)
+            info = {
+                "model_dir": str(merged),
+                "final": str(ckpt_dir / "final"),
+                "adapter_dir": str(adapter),
+                "base_model": str(base),
+                "checkpoint": step_dir,
+                "steps": int(self.step_scheduler.step),
+                "epoch": int(self.step_scheduler.epoch),
+                **self._export_metadata(),
+            }
+            (ckpt_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+            logger.info("LoRA exports: merged %s, adapter %s (base %s)", merged, adapter, base)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()

@@ -19,11 +19,19 @@ def default_device() -> str:
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` of a local Bard-VL directory, ready to decode.
 
+    ``model_dir`` is a model directory, or a LoRA adapter directory in the ``peft`` format (``adapter_config.json``
+    + ``adapter_model.safetensors``, as a ``peft=lora`` run exports it; docs/peft.md): the base model it names
+    (``base_model_name_or_path``) is loaded with the adapter directory's ``config.json`` when it has one (a stage
+    may change the block size), the adapters are applied with ``peft`` and merged into the weights, and the
+    processor comes from the adapter directory when it holds the tokenizer files, else from the base.
+
     Weights are read from safetensors only (no pickle) and no code from the checkpoint is run. The model
     uses SDPA attention; ``dtype`` defaults to bfloat16 on a GPU and float32 on the CPU.
 
     Raises:
-        FileNotFoundError: ``model_dir`` is not a directory with a ``config.json``.
+        FileNotFoundError: ``model_dir`` is neither a directory with a ``config.json`` nor an adapter directory
+            (or the adapter's weights are not in safetensors).
+        ImportError: an adapter directory without ``peft`` installed.
     """
     import torch
 
@@ -31,20 +39,54 @@ def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: 
     from nemo_automodel_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); `bard-vl tiny DIR` writes one")
+    adapter = (path / "adapter_config.json").is_file()
+    if not adapter and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json) nor a LoRA adapter directory "
+                                f"(no adapter_config.json); `bard-vl tiny DIR` writes a model directory")
     device = device or default_device()
     if dtype is None:
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
-    model = BardVLForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch_dtype, _attn_implementation="sdpa", use_safetensors=True
-    )
+    if adapter:
+        model, processor_dir = _load_with_adapter(path, torch_dtype)
+    else:
+        model = BardVLForConditionalGeneration.from_pretrained(
+            str(path), dtype=torch_dtype, _attn_implementation="sdpa", use_safetensors=True
+        )
+        processor_dir = path
     model = model.to(device).eval()
-    processor = BardVLProcessor.from_pretrained(str(path))
+    processor = BardVLProcessor.from_pretrained(str(processor_dir))
     return model, processor
+
+
+def _load_with_adapter(path: Path, torch_dtype: Any) -> tuple[Any, Path]:
+    """The base Bard-VL of a ``peft`` LoRA adapter directory with the adapters merged in, and the directory to read
+    the processor from."""
+    import json
+
+    from nemo_automodel_bard.models.bard_vl.configuration_bard_vl import BardVLConfig
+    from nemo_automodel_bard.models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ImportError(f"{path} is a LoRA adapter directory; loading it needs peft "
+                          f"(pip install 'nemo-automodel-bard[peft]'), or decode its merged export instead") from None
+    if not (path / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: adapter_config.json without adapter_model.safetensors (only safetensors "
+                                f"adapters are loaded)")
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise FileNotFoundError(f"{path / 'adapter_config.json'} does not name its base model (base_model_name_or_path)")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": "sdpa", "use_safetensors": True}
+    if (path / "config.json").is_file():
+        kwargs["config"] = BardVLConfig.from_pretrained(str(path))
+    model = BardVLForConditionalGeneration.from_pretrained(str(base), **kwargs)
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return model, (path if has_tokenizer else Path(str(base)))
 
 
 class TextStream:
