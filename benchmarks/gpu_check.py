@@ -8,7 +8,8 @@ vocabulary of 151,936 rows, tied embeddings; vision: hidden 1024, MLP 4096, 16 h
 * **one PBM training step** -- the block-diffusion objective of the PBM recipe
   (:func:`~nemo_automodel_bard.objectives.block_diffusion.diffusion_training_loss`) on one ``[prompt | clean |
   noisy]`` text row (the row builder of ``benchmarks/bench_training_step.py``, block size 32), forward, backward and
-  an AdamW step over fp32 master weights with bf16 compute (autocast), as the real-size recipes train;
+  an optimizer step over fp32 master weights with bf16 compute (autocast), as the real-size recipes train (AdamW
+  where the card holds its fp32 state, else SGD: :func:`make_optimizer`);
 * **one SWD step** -- :func:`~nemo_automodel_bard.objectives.distillation.swd_training_loss` on the same row with
   top-16 forward KD from an anchor at block size 4. The anchor is the student's own weights seen with the B=4 mask
   (no second copy: a separate 4B teacher would not fit next to the AdamW state on an 80 GB card); the teacher's
@@ -154,7 +155,8 @@ def make_optimizer(model, device: torch.device) -> tuple[torch.optim.Optimizer, 
 
 
 def check_training(device: torch.device, settings: dict, result: dict) -> None:
-    """One PBM and one SWD step of the stand-in (fp32 master weights, AdamW, bf16 autocast on CUDA)."""
+    """One PBM and one SWD step of the stand-in (fp32 master weights, :func:`make_optimizer`'s optimizer, bf16
+    autocast on CUDA)."""
     from nemo_automodel_bard import BardVLForConditionalGeneration
     from nemo_automodel_bard.objectives.block_diffusion import diffusion_training_loss
     from nemo_automodel_bard.objectives.distillation import swd_training_loss
