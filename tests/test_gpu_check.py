@@ -25,7 +25,9 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     assert result["config"]["text"]["vocab_size"] == 151_936 and result["config"]["text"]["hidden_size"] == 2560
     assert result["config"]["text"]["num_key_value_heads"] == 8 and result["config"]["vision"]["hidden_size"] == 1024
     assert result["settings"]["text_layers"] == 1
-    assert result["params"] > 151_936 * 2560  # the real embedding matrix is there
+    assert result["params"] > 151_936 * 2560  # the real embedding matrix is there (frozen in the dry run)
+    assert 0 < result["trained_params"] < result["params"] - 151_936 * 2560 + 1
+    assert set(result["part_seconds"]) == {"training", "decode", "serve"}
     for step in ("pbm_step", "swd_step"):
         r = result[step]
         assert r["seconds"] > 0 and r["peak_memory_gib"] > 0 and r["finite"] and r["block_size"] == 32
