@@ -12,7 +12,8 @@ logits for every query row (the decoder needs them for the whole block). Usage::
 
     python benchmarks/gpu_forward_cost.py --out results_dir
 
-Writes ``gpu_forward_cost.json`` and ``gpu_forward_cost.md``.
+Writes ``gpu_forward_cost.json`` and ``gpu_forward_cost.md``. :func:`build` and :func:`time_forward` also serve
+``benchmarks/gpu_check.py`` (any depth, dtype and device; on a CPU the timing is wall-clock).
 """
 
 from __future__ import annotations
@@ -25,45 +26,54 @@ from pathlib import Path
 import torch
 
 
-def build(device: torch.device):
+def build(device: torch.device, num_layers: int = 36, dtype: torch.dtype = torch.bfloat16):
+    """Qwen3-VL-4B's text tower (``num_layers`` of its 36 layers) and an untied ``lm_head``, random weights."""
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
     config = Qwen3VLTextConfig(
-        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=num_layers,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
                          "mrope_interleaved": True},
     )
     config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = Qwen3VLTextModel(config).to(torch.bfloat16).eval()
-        lm_head = torch.nn.Linear(2560, 151936, bias=False, dtype=torch.bfloat16)
+        model = Qwen3VLTextModel(config).to(dtype).eval()
+        lm_head = torch.nn.Linear(2560, 151936, bias=False, dtype=dtype)
     for layer in model.layers:
         layer.self_attn.is_causal = False
     return model, lm_head
 
 
 @torch.no_grad()
-def time_forward(model, lm_head, prompt_len: int, q_len: int, reps: int, device: torch.device) -> float:
+def time_forward(model, lm_head, prompt_len: int, q_len: int, reps: int, device: torch.device,
+                 warmup: int = 5) -> float:
+    """Seconds per forward of ``q_len`` new tokens over a cached prompt of ``prompt_len`` (logits for every row)."""
     from transformers import DynamicCache
 
+    dtype = lm_head.weight.dtype
     cache = DynamicCache(config=model.config)
     ids = torch.randint(0, 150000, (1, prompt_len), device=device)
     pos = torch.arange(prompt_len, device=device).view(1, 1, -1).expand(3, 1, -1)
     model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-          attention_mask=torch.zeros(1, 1, prompt_len, prompt_len, dtype=torch.bfloat16, device=device))
+          attention_mask=torch.zeros(1, 1, prompt_len, prompt_len, dtype=dtype, device=device))
     q_ids = torch.randint(0, 150000, (1, q_len), device=device)
     q_pos = (prompt_len + torch.arange(q_len, device=device)).view(1, 1, -1).expand(3, 1, -1)
-    mask = torch.zeros(1, 1, q_len, prompt_len + q_len, dtype=torch.bfloat16, device=device)
+    mask = torch.zeros(1, 1, q_len, prompt_len + q_len, dtype=dtype, device=device)
 
     def step():
         out = model(input_ids=q_ids, position_ids=q_pos, past_key_values=cache, use_cache=True, attention_mask=mask)
         lm_head(out.last_hidden_state)
         cache.crop(-q_len)
 
-    for _ in range(5):
+    for _ in range(warmup):
         step()
+    if device.type != "cuda":
+        started = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return (time.perf_counter() - started) / reps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .environment import config_dir, environment, pin_threads, resource_root
 from .manifest import Manifest
-from .stages import STAGE_ORDER, STAGES, Context
+from .stages import STAGE_ORDER, STAGES, Context, PipelineStopped
 from .validate import PipelineConfigError, validate_config
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except PipelineConfigError as exc:
         print(f"bard-vl: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except PipelineStopped as exc:  # a scheduler's SIGTERM or a Ctrl-C during a training stage
+        logger.warning("%s", exc)
+        print(f"bard-vl: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
 
 
 def main() -> None:

@@ -6,6 +6,10 @@ trained earlier stages runs later ones markedly slower per step on the same data
 tiny pipeline: a PBM step 0.51 s inside the pipeline process after the AR and B=2 stages vs 0.33 s in a fresh
 process, bit-identical losses; docs/pipeline.md), so each stage pays a few seconds of start-up instead. The
 thread count is the parent's (``OMP_NUM_THREADS``, which the pipeline pins).
+
+SIGTERM or SIGINT (forwarded by the pipeline, or sent by a scheduler) stops the training cleanly: the step in
+progress ends, is checkpointed, ``<checkpoint_dir>/stopped.json`` says where, and the process exits with
+128 + the signal's number (143 for SIGTERM, 130 for SIGINT); the same command resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     from nemo_automodel_bard.recipes.common import run_recipe
 
-    run_recipe(args[0], args[1:])
+    runner = run_recipe(args[0], args[1:], install_signal_handler=True)
+    if getattr(runner, "stop_signal", None) is not None:
+        return 128 + int(runner.stop_signal)
     return 0
 
 

@@ -4,12 +4,17 @@ evaluation, report.
 Each stage gets the resolved config and earlier stages' outputs, writes under ``work_dir`` into a
 directory named after its configuration fingerprint, and returns its outputs; the manifest records
 them so an identical re-run skips the stage. Training stages are NeMo recipes (YAML + overrides);
-an interrupted one resumes from its latest checkpoint when the same command is run again.
+an interrupted one resumes from its latest checkpoint when the same command is run again. A training stage
+that a stop signal ended (SIGTERM / SIGINT, forwarded by the pipeline or sent to the stage) raises
+:class:`PipelineStopped`, naming the stage and its checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,7 @@ from .environment import (
     numerics,
     stream_offset,
 )
-from .launch import run_recipe
+from .launch import StageStopped, run_recipe
 from .manifest import Manifest, fingerprint
 from .records import TrainedModel, trained_models
 
@@ -36,6 +41,45 @@ logger = logging.getLogger(__name__)
 STAGE_ORDER = ("ar_pretrain", "ar_init", "teacher", "pbm", "swd", "self_distill", "evaluate", "report")
 #: data kinds generated in-process from a seed (every training stream reads its own fresh samples)
 PROCEDURAL_DATA = ("shapes", "census")
+
+
+#: what a training run writes into its directory when a stop signal ended it (``recipes.common.STOP_MARKER``)
+STOP_MARKER = "stopped.json"
+_CHECKPOINT_RE = re.compile(r"^epoch_\d+_step_(\d+)$")
+
+
+class PipelineStopped(Exception):
+    """A stop signal ended the training stage ``stage``; ``checkpoint`` is the directory the same command resumes
+    from (``None``: it stopped before its first checkpoint and starts over), ``exit_code`` the pipeline's exit
+    status (128 + the signal's number)."""
+
+    def __init__(self, stage: str, signum: int, run_dir: Path, checkpoint: str | None, steps: int | None) -> None:
+        self.stage, self.signal, self.run_dir, self.checkpoint, self.steps = stage, int(signum), run_dir, checkpoint, steps
+        self.exit_code = 128 + self.signal
+        name = signal.Signals(self.signal).name
+        if checkpoint:
+            where = f"checkpoint {checkpoint}" + (f" ({steps} steps done)" if steps is not None else "")
+            then = "run the same command again to resume from it"
+        else:
+            where, then = "no checkpoint yet", "the same command runs it again from its start"
+        super().__init__(f"stage {stage} stopped by {name}; {where}; {then}")
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest ``epoch_*_step_*`` checkpoint directory of a training run (``None``: none)."""
+    found = [(int(m.group(1)), d) for d in run_dir.glob("epoch_*_step_*") if (m := _CHECKPOINT_RE.match(d.name))
+             and d.is_dir()]
+    return str(max(found)[1]) if found else None
+
+
+def _stopped(name: str, run_dir: Path, signum: int | None) -> PipelineStopped:
+    """What a stopped training run left: the stage's ``stopped.json`` if it wrote one, else its newest checkpoint."""
+    marker = run_dir / STOP_MARKER
+    info = json.loads(marker.read_text()) if marker.is_file() else {}
+    if signum is None:
+        signum = int(getattr(signal, str(info.get("signal") or "SIGTERM"), signal.SIGTERM))
+    return PipelineStopped(name, signum, run_dir, info.get("checkpoint") or _latest_checkpoint(run_dir),
+                           info.get("steps"))
 
 
 @dataclass
@@ -275,7 +319,13 @@ def _train(ctx: Context, name: str, recipe: str, overrides: dict[str, Any], extr
     ctx.manifest.mark_started(stage_id, key)
     started = time.perf_counter()
     print(f"[bard-vl] stage {name}: training ({yaml_path.name}) -> {run_dir}", flush=True)
-    run_recipe(yaml_path, full, ctx.launcher, run_dir / "launch.log")
+    (run_dir / STOP_MARKER).unlink(missing_ok=True)
+    try:
+        run_recipe(yaml_path, full, ctx.launcher, run_dir / "launch.log")
+    except StageStopped as exc:
+        raise _stopped(name, run_dir, exc.signal) from None
+    if (run_dir / STOP_MARKER).is_file():  # torchrun's ranks stopped cleanly (exit 0) on a signal of their own
+        raise _stopped(name, run_dir, None)
     model_dir = run_dir / "final"
     if not (model_dir / "config.json").exists():
         raise RuntimeError(f"stage {name} finished without a model directory at {model_dir}")

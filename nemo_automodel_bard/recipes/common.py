@@ -25,6 +25,15 @@ Recipe-specific YAML keys live in a ``bard:`` section:
 ``bard.stop_after_steps``
     stop (with a checkpoint, like a preemption) once this many optimizer steps have run in total;
     used to test resume. The LR schedule still follows ``step_scheduler.max_steps``.
+
+Stopping on a signal (a scheduler's SIGTERM, a terminal's SIGINT): NeMo's step scheduler checks its
+``step_scheduler.preemption_signal`` once per optimizer step and, when one arrived, checkpoints that step and
+leaves the loop. :func:`run_recipe` with ``install_signal_handler=True`` (the pipeline's stage processes) and the
+pipeline's torchrun stages listen to both :data:`STOP_SIGNALS`. On top of that the recipe records *which* signal
+stopped it (``stop_signal``), keeps the data-loader worker processes out of it (they ignore both signals and end
+with the trainer, so a signal sent to a whole process group cannot kill them before the checkpoint is written),
+and writes ``<checkpoint_dir>/stopped.json`` (:data:`STOP_MARKER`: the signal, the step, the checkpoint
+directory) so that whoever started it can say where to resume from.
 ``bard.progress_bar``
     ``auto`` (default: a tqdm bar on rank 0 when stderr is a terminal), ``true`` or ``false``.
 ``bard.attention`` (PBM only)
@@ -39,6 +48,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -75,6 +85,8 @@ __all__ = [
     "BardRecipeBase",
     "NoUsableSamplesError",
     "RecipeConfigError",
+    "STOP_MARKER",
+    "STOP_SIGNALS",
     "load_recipe_config",
     "param_group_kind",
     "run_recipe",
@@ -92,6 +104,26 @@ VISION_PATTERN = r"(^|\.)visual\."
 
 
 _STEP_RE = re.compile(r"step_(\d+)$")
+
+#: the signals that stop a training run cleanly (a checkpoint, then exit): a scheduler's and a terminal's
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: written into ``checkpoint_dir`` by a run that a signal stopped (signal, step, checkpoint); removed by the next run
+STOP_MARKER = "stopped.json"
+
+
+class _IgnoreStopSignals:
+    """A data-loader ``worker_init_fn`` that first makes the worker ignore :data:`STOP_SIGNALS`, then runs the
+    loader's own ``worker_init_fn`` (if any). The trainer decides when to stop; its workers end with it.
+    A class, not a closure, so that it pickles for the ``spawn`` / ``forkserver`` start methods."""
+
+    def __init__(self, worker_init_fn: Any = None) -> None:
+        self.worker_init_fn = worker_init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -176,11 +208,13 @@ def run_recipe(
 
     With one process NeMo needs no ``MASTER_ADDR`` (a ``HashStore`` backs the process group) and a
     second recipe in the same process reuses the process group. ``install_signal_handler=False``
-    sets ``step_scheduler.preemption_signal=None`` (no SIGTERM handler is left behind).
+    sets ``step_scheduler.preemption_signal=None`` (no SIGTERM handler is left behind);
+    ``install_signal_handler=True`` stops the run cleanly on any of :data:`STOP_SIGNALS` (checkpoint, then
+    return; ``runner.stop_signal`` says which) and restores the process's previous handlers when it returns.
     """
     overrides = list(overrides)
-    if not install_signal_handler and not any(o.startswith("--step_scheduler.preemption_signal") for o in overrides):
-        overrides.append("--step_scheduler.preemption_signal=None")
+    if not any(o.startswith("--step_scheduler.preemption_signal") for o in overrides):
+        overrides.append(stop_signal_override() if install_signal_handler else "--step_scheduler.preemption_signal=None")
     cfg = load_recipe_config(config_path, overrides)
     if recipe_cls is None:
         import importlib
@@ -195,9 +229,19 @@ def run_recipe(
         module, name = recipe.rsplit(".", 1)
         recipe_cls = getattr(importlib.import_module(module), name)
     runner = recipe_cls(cfg)
-    runner.setup()
-    runner.run_train_validation_loop()
+    try:
+        runner.setup()
+        runner.run_train_validation_loop()
+    finally:
+        handler = getattr(getattr(runner, "step_scheduler", None), "sig_handler", None)
+        if handler is not None:  # the handlers this process had before the run
+            handler.release()
     return runner
+
+
+def stop_signal_override() -> str:
+    """The recipe override that makes NeMo's step scheduler stop cleanly on every one of :data:`STOP_SIGNALS`."""
+    return f"--step_scheduler.preemption_signal=[{', '.join(str(int(s)) for s in STOP_SIGNALS)}]"
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -302,10 +346,47 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         self._steps_this_run = 0
         self._last_checkpoint: Optional[str] = None
         self._stopped_early = False
+        self.stop_signal: Optional[int] = None
+        self._watch_stop_signals()
+        self._quiet_dataloader_workers()
         self._group_kinds = self._classify_param_groups()
         self._install_collators()
         self._mirror_wrapper_attributes()
         self._prepare_model(self._unwrapped_model())
+
+    def _watch_stop_signals(self) -> None:
+        """Record which signal stops the run (``stop_signal``), log it when it arrives, and pass it on to NeMo's
+        preemption handler (which makes the step scheduler checkpoint the current step and leave the loop).
+        Nothing is installed when ``step_scheduler.preemption_signal`` is ``None``. A stale :data:`STOP_MARKER`
+        from an earlier stopped run is removed."""
+        marker = Path(self.checkpointer.config.checkpoint_dir) / STOP_MARKER
+        if self.dist_env.is_main and marker.is_file():
+            marker.unlink()
+        handler = getattr(self.step_scheduler, "sig_handler", None)
+        if handler is None:
+            return
+        for sig in getattr(handler, "sigs", ()):
+            nemo_handler = signal.getsignal(sig)
+            if not callable(nemo_handler):
+                continue
+
+            def on_signal(signum: int, frame: Any, _nemo: Any = nemo_handler) -> None:
+                if self.stop_signal is None:
+                    self.stop_signal = signum
+                    logger.warning("%s received: checkpointing at the end of step %d and stopping",
+                                   signal.Signals(signum).name, self.step_scheduler.step)
+                _nemo(signum, frame)
+
+            signal.signal(sig, on_signal)
+
+    def _quiet_dataloader_workers(self) -> None:
+        """Data-loader worker processes ignore :data:`STOP_SIGNALS`: a signal sent to the trainer's whole process
+        group (torchrun's way of stopping a rank, a terminal's Ctrl-C) must not kill them while the trainer still
+        needs a clean end of step and a checkpoint. They end when the trainer does."""
+        for name in ("dataloader", "val_dataloader"):
+            loader = getattr(self, name, None)
+            if loader is not None and getattr(loader, "num_workers", 0) and hasattr(loader, "worker_init_fn"):
+                loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
 
     def _unwrapped_model(self) -> torch.nn.Module:
         model = self.model_parts[0]
@@ -654,14 +735,28 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         super().run_train_validation_loop()
         if self._stopped_early or self.step_scheduler.sigterm_flag:
             if self.dist_env.is_main:
+                why = "bard.stop_after_steps" if self._stopped_early else (
+                    signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a stop signal")
                 logger.info(
-                    "stopped at step %d before the end (%s); checkpointed, no export written -- rerun the same "
+                    "stopped at step %d before the end (%s); checkpoint %s, no export written -- rerun the same "
                     "command to resume",
-                    self.step_scheduler.step,
-                    "bard.stop_after_steps" if self._stopped_early else "SIGTERM",
+                    self.step_scheduler.step, why, self._last_checkpoint,
                 )
+                if not self._stopped_early:
+                    self._write_stop_marker()
             return
         self._write_export_pointer()
+
+    def _write_stop_marker(self) -> None:
+        """``<checkpoint_dir>/stopped.json``: the signal that stopped this run, the steps done, the checkpoint."""
+        info = {
+            "signal": signal.Signals(self.stop_signal).name if self.stop_signal is not None else None,
+            "steps": int(self.step_scheduler.step),
+            "checkpoint": self._last_checkpoint,
+        }
+        marker = Path(self.checkpointer.config.checkpoint_dir) / STOP_MARKER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(info, indent=2) + "\n")
 
     def _final_consolidated(self) -> Optional[Path]:
         candidates = []

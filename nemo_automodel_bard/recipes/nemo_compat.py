@@ -17,7 +17,10 @@ objective needs a few things NeMo's VLM recipe does not offer as public hooks:
 * **the typed dataloader config, for Energon data** -- :mod:`.energon_loader` puts its own loader config in
   place of ``RecipeConfig.vlm_dataloader`` / ``vlm_validation_dataloader`` (cached properties, so an instance
   entry wins), resolves the processor section with ``RecipeConfig._resolve_vlm_processor`` and builds NeMo's
-  ``VlmCollatorConfig`` / ``VlmDataloaderBuild``; the keywords NeMo's setup passes to ``build`` are checked.
+  ``VlmCollatorConfig`` / ``VlmDataloaderBuild``; the keywords NeMo's setup passes to ``build`` are checked;
+* **the preemption handler** -- the recipe base chains its own handler in front of the one NeMo's step scheduler
+  installs (``StepScheduler.sig_handler``, a ``DistributedSignalHandler``: its ``sigs`` and ``release()``), to
+  record which signal stopped a run; without those attributes it leaves NeMo's handler alone.
 
 :func:`check_nemo_compat` compares the installed NeMo with :data:`TESTED_NEMO_VERSION`: a parameter list
 that changed raises :class:`NemoCompatError` (the recipe could not work); a changed method body logs a
