@@ -25,11 +25,10 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from nemo_automodel_bard.recipes.stop_signals import STOP_SIGNALS, stop_signal_override
+
 logger = logging.getLogger(__name__)
 
-
-#: the signals forwarded to a running stage (and that stop it cleanly): a scheduler's and a terminal's
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StageStopped(Exception):
@@ -156,7 +155,7 @@ def torchrun_command(yaml_path: str | Path, overrides: Mapping[str, Any], launch
     cmd += list(launcher.get("extra_args", []) or [])
     cmd += ["-m", "nemo_automodel.cli.app", str(yaml_path), *format_overrides(overrides)]
     if not any(key == "step_scheduler.preemption_signal" for key in overrides):  # every rank stops on both signals
-        cmd.append(f"--step_scheduler.preemption_signal=[{', '.join(str(int(s)) for s in STOP_SIGNALS)}]")
+        cmd.append(stop_signal_override())
     return cmd
 
 

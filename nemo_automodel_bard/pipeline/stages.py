@@ -11,6 +11,7 @@ that a stop signal ended (SIGTERM / SIGINT, forwarded by the pipeline or sent to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nemo_automodel_bard.decoding.defaults import DEFAULT_THRESHOLD
+from nemo_automodel_bard.recipes.stop_signals import STOP_MARKER
 
 from .environment import (
     EVALUATION_CODE,
@@ -43,8 +45,6 @@ STAGE_ORDER = ("ar_pretrain", "ar_init", "teacher", "pbm", "swd", "self_distill"
 PROCEDURAL_DATA = ("shapes", "census")
 
 
-#: what a training run writes into its directory when a stop signal ended it (``recipes.common.STOP_MARKER``)
-STOP_MARKER = "stopped.json"
 _CHECKPOINT_RE = re.compile(r"^epoch_\d+_step_(\d+)$")
 
 
@@ -404,15 +404,13 @@ def _teacher_context(ctx: Context) -> Context:
     work_dir = section.get("work_dir")
     if seed is None and not work_dir:
         return ctx
-    cfg = {**ctx.cfg, "seed": ctx.seed if seed is None else int(seed)}
-    if not work_dir:
-        return Context(cfg=cfg, work_dir=ctx.work_dir, output_dir=ctx.output_dir, repo_root=ctx.repo_root,
-                       manifest=ctx.manifest, outputs=ctx.outputs, streams={})
-    path = Path(work_dir)
-    path = path if path.is_absolute() else Path.cwd() / path
-    path.mkdir(parents=True, exist_ok=True)
-    return Context(cfg=cfg, work_dir=path, output_dir=ctx.output_dir, repo_root=ctx.repo_root, manifest=Manifest(path),
-                   outputs=ctx.outputs, streams={})
+    teacher = dataclasses.replace(ctx, cfg={**ctx.cfg, "seed": ctx.seed if seed is None else int(seed)}, streams={})
+    if work_dir:
+        path = Path(work_dir)
+        path = path if path.is_absolute() else Path.cwd() / path
+        path.mkdir(parents=True, exist_ok=True)
+        teacher = dataclasses.replace(teacher, work_dir=path, manifest=Manifest(path))
+    return teacher
 
 
 def stage_teacher(ctx: Context) -> dict[str, Any]:

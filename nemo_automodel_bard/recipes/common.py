@@ -74,6 +74,7 @@ from nemo_automodel.shared.import_utils import safe_import
 from .collate import resolve_collate
 from .energon_loader import install_stream_dataloaders
 from .nemo_compat import accept_custom_model_targets, check_nemo_compat, cpu_cuda_guard
+from .stop_signals import STOP_MARKER, STOP_SIGNALS, stop_signal_override
 from .model_builder import ModelConfigError, build_bard_vl, build_qwen3_vl_ar, check_model_path, check_model_type
 
 _HAS_WANDB, wandb = safe_import("wandb")
@@ -104,11 +105,6 @@ VISION_PATTERN = r"(^|\.)visual\."
 
 
 _STEP_RE = re.compile(r"step_(\d+)$")
-
-#: the signals that stop a training run cleanly (a checkpoint, then exit): a scheduler's and a terminal's
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-#: written into ``checkpoint_dir`` by a run that a signal stopped (signal, step, checkpoint); removed by the next run
-STOP_MARKER = "stopped.json"
 
 
 class _IgnoreStopSignals:
@@ -237,11 +233,6 @@ def run_recipe(
         if handler is not None:  # the handlers this process had before the run
             handler.release()
     return runner
-
-
-def stop_signal_override() -> str:
-    """The recipe override that makes NeMo's step scheduler stop cleanly on every one of :data:`STOP_SIGNALS`."""
-    return f"--step_scheduler.preemption_signal=[{', '.join(str(int(s)) for s in STOP_SIGNALS)}]"
 
 
 # ---------------------------------------------------------------------------------------------- recipe
