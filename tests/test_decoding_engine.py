@@ -383,6 +383,9 @@ def test_inner_loop_is_batched_without_host_syncs():
     functions = {
         "denoise_block": engine._BlockDecoder.denoise_block,
         "BlockRun.step": engine.BlockRun.step,
+        "BlockRun._commit": engine.BlockRun._commit,
+        "greedy_step": engine.greedy_step,
+        "close_at_eos": engine.close_at_eos,
         "propose_tokens": unmasking.propose_tokens,
         "select_commits": unmasking.select_commits,
     }

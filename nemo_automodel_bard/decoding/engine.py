@@ -29,6 +29,7 @@ synchronisation per denoising step is the "is this block finished for everyone" 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from nemo_automodel_bard.diffusion.masks import (
 
 from .defaults import DEFAULT_DECODING, DEFAULT_MAX_NEW_TOKENS, DEFAULT_REVISION
 from .inputs import MEDIA_KEYS, media_inputs
+from .static import StaticKVCache, StepForward, compile_for, compiled_step, eager_step, static_length
 from .unmasking import UnmaskingRule, propose_tokens, select_commits, transfer_schedule
 
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", *MEDIA_KEYS)
@@ -77,6 +79,7 @@ class DecodingOptions:
     eos_exit: bool = True
     revision_threshold: float = DEFAULT_REVISION["revision_threshold"]
     max_revision_steps: int = DEFAULT_REVISION["max_revision_steps"]
+    compile: bool = False
     rule: UnmaskingRule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +182,7 @@ def resolve_options(model: Any, generation_config: Any = None, **given: Any) -> 
         eos_exit=bool(_first(given.get("eos_exit"), True)),
         revision_threshold=_first(given.get("revision_threshold"), DEFAULT_REVISION["revision_threshold"]),
         max_revision_steps=_first(given.get("max_revision_steps"), DEFAULT_REVISION["max_revision_steps"]),
+        compile=bool(_first(given.get("compile"), False)),
     )
 
 
@@ -215,10 +219,17 @@ class _MaskBuilder:
     for prompt padding) broadcast over the queries — a view, no allocation per step. Only the
     fused first step of a block (clean queries must not see the noisy block) builds a mask.
     FlexAttention path: a ``BlockMask`` from the boolean visibility.
+
+    Static path (``static=True``, a :class:`~.static.StaticKVCache`): every mask spans all ``key_valid`` columns
+    (the whole buffer), and the keys past the end of the forward's row are hidden too, so that a step has the same
+    shapes in every block.
     """
 
-    def __init__(self, model: Any, key_valid: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, model: Any, key_valid: torch.Tensor, dtype: torch.dtype, static: bool = False) -> None:
         self.flex = bool(getattr(model, "uses_flex_attention", False))
+        self.static = static
+        if static and self.flex:
+            raise ValueError("static masks are dense; a FlexAttention model decodes with compile=False")
         self.batch = key_valid.shape[0]
         self.device, self.dtype = key_valid.device, dtype
         self.min = torch.finfo(dtype).min
@@ -262,8 +273,11 @@ class _MaskBuilder:
         visible = visibility(token_type, prompt_block, doc_ids)
         if self.flex:
             return self._flex(visible)
-        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return additive.masked_fill_(~visible, self.min).unsqueeze(1)
+        q = visible.shape[-1]
+        width = self.key_valid.shape[1] if self.static else q
+        additive = torch.full((self.batch, q, width), self.min, dtype=self.dtype, device=self.device)
+        additive[:, :, :q].masked_fill_(visible, 0.0)
+        return additive.unsqueeze(1)
 
     def step(self, cached: int, n_clean: int, block: int) -> Any:
         """Queries ``[clean block (n_clean) | noisy block (block)]`` over keys ``[cache | clean | noisy]``.
@@ -276,6 +290,11 @@ class _MaskBuilder:
             visible = self.key_valid[:, None, :kv].expand(self.batch, q, kv).clone()
             visible[:, :n_clean, cached + n_clean :] = False
             return self._flex(visible)
+        if self.static:  # keys past a query's last visible one are hidden: what the buffer holds there is stale
+            limit = torch.full((q,), kv, device=self.device)
+            limit[:n_clean] = cached + n_clean
+            beyond = torch.arange(self.key_valid.shape[1], device=self.device)[None, :] >= limit[:, None]  # [q, L]
+            return self.key_bias[:, None, None, :].masked_fill(beyond, self.min)
         if n_clean and block:
             seen = self.key_bias[:, None, None, : cached + n_clean].expand(self.batch, 1, q, cached + n_clean)
             return torch.cat([seen, self._tail(n_clean, block)], dim=-1)
@@ -284,6 +303,9 @@ class _MaskBuilder:
 
 def _drop_last(cache: Any, n: int) -> None:
     """Remove the last ``n`` positions of every layer (``DynamicCache.crop(-n)`` without its overhead)."""
+    if isinstance(cache, StaticKVCache):
+        cache.drop_last(n)
+        return
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         cache.crop(-n)  # other layer types (sliding window, offloaded, ...) know best
@@ -315,7 +337,6 @@ class _BlockDecoder:
         self.num_blocks = math.ceil(opts.max_new_tokens / B)
         self.schedule = transfer_schedule(B, opts.denoising_steps)
         self.rule = opts.rule
-        self.cache = DynamicCache(config=model.config.text_config)
         self.eos = torch.tensor(opts.eos_token_ids, device=device)
         self.arange_b = torch.arange(B, device=device)
         self.mask_block = torch.full((self.batch, B), opts.mask_token_id, dtype=torch.long, device=device)
@@ -329,10 +350,17 @@ class _BlockDecoder:
         self.valid = valid
         # which cache keys are real: the prompt's padding is not; every response key is
         total = self.prompt_len + self.num_blocks * B
+        if opts.compile:  # preallocated cache, every step's shapes fixed, the step compiled
+            total = static_length(total)
+            self.forward: StepForward | None = compiled_step(model)
+            self.cache = StaticKVCache(model.config.text_config, self.batch, total, dtype, device)
+        else:
+            self.forward = None
+            self.cache = DynamicCache(config=model.config.text_config)
         self.key_valid = torch.ones(self.batch, total, dtype=torch.bool, device=device)
         self.key_valid[:, : self.prompt_len] = valid
         self.cached = 0  # number of keys in the cache
-        self.masks = _MaskBuilder(model, self.key_valid, dtype)
+        self.masks = _MaskBuilder(model, self.key_valid, dtype, static=opts.compile)
         self.forwards = {"prefill": 0, "denoise": 0, "commit": 0}
         self.revision_forwards = torch.zeros((), dtype=torch.long, device=device)
         self._empty = torch.empty(0, dtype=torch.long, device=device)
@@ -460,7 +488,7 @@ class _BlockDecoder:
         self.cached += n_clean  # the clean queries' K/V stay in the cache after the first forward
         return BlockRun(self.model, self.cache, self.opts, first, steady, block, masked, schedule=self.schedule,
                         eos=self.eos, generator=self.generator, active=~finished if self.opts.revise else None,
-                        record=record)
+                        record=record, forward=self.forward, eager_first=self.prefill_run)
 
     def end_block(self, run: "BlockRun") -> None:
         """Count a finished run's forwards (its first is the prefill with a fused prefill)."""
@@ -517,13 +545,24 @@ class BlockRun:
             tokens in ``input_ids``); ``steady``: the inputs of every later forward.
         block, masked: ``[batch, B]`` starting tokens and which of them are still to decode.
         active: ``[batch]`` samples still decoding (revision only).
+        forward: the step forward (:func:`~.static.compiled_step`) for every forward of the run, the first one
+            too unless ``eager_first`` (a fused prefill: its length varies with the prompt, it stays eager);
+            ``None``: the model's own forward.
     """
 
     def __init__(self, model: Any, cache: Any, opts: DecodingOptions, first: dict[str, Any], steady: dict[str, Any],
                  block: torch.Tensor, masked: torch.Tensor, *, schedule: list[int], eos: torch.Tensor,
                  generator: torch.Generator | None = None, active: torch.Tensor | None = None,
-                 record: bool = False) -> None:
+                 record: bool = False, forward: StepForward | None = None, eager_first: bool = False) -> None:
         self.model, self.cache, self.opts, self.steady = model, cache, opts, steady
+        self.forward, self.eager_first = forward, eager_first
+        # greedy decoding without revision or recording: forward and commits as one compiled graph
+        self.greedy = self.decision = None
+        if forward is not None and not opts.temperature and not opts.revise and not record and opts.rule.score != "random":
+            self.greedy = compile_for(model, "greedy_step", functools.partial(greedy_step, eager_step(model)))
+            self.decision = dict(dynamic=opts.rule.dynamic, threshold=float(opts.confidence_threshold),
+                                 budget=opts.rule.budget, score=opts.rule.score, top_k=opts.top_k, top_p=float(opts.top_p),
+                                 mask_token_id=opts.mask_token_id, eos_exit=opts.eos_exit)
         self.schedule, self.eos, self.generator = schedule, eos, generator
         self.block, self.masked, self.active = block, masked, active
         batch, B = block.shape
@@ -545,18 +584,37 @@ class BlockRun:
 
     def step(self) -> bool:
         """One denoising forward and its commits; ``True`` when the block is finished for every sample."""
-        opts, B, rule, revise = self.opts, self.B, self.opts.rule, self.opts.revise
         block, masked = self.block, self.masked
         inputs = self.inputs if self.inputs is not None else dict(self.steady, input_ids=block)
         self.inputs = None
-        batch = block.shape[0]
-        logits = self.model(**inputs, past_key_values=self.cache, use_cache=True).logits.view(batch, B, -1)
-        _drop_last(self.cache, B)  # drop the noisy block's K/V; fused clean (prompt or block) K/V stay
+        k_min = self.schedule[min(self.index, len(self.schedule) - 1)]
+        compiled = self.forward is not None and not (self.eager_first and self.index == 0)
+        if compiled and self.greedy is not None:  # forward and commits in one compiled graph
+            self.history.append(masked)
+            self.block, self.masked = self.greedy(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                                  inputs["logits_positions"], self.cache, block, masked, self.eos,
+                                                  k_min=k_min, **self.decision)
+            working = self.masked.any()
+        else:
+            if compiled:
+                logits = self.forward(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                      inputs["logits_positions"], self.cache)
+            else:
+                logits = self.model(**inputs, past_key_values=self.cache, use_cache=True).logits
+            working = self._commit(logits.view(*block.shape, -1), k_min)
+        _drop_last(self.cache, self.B)  # drop the noisy block's K/V; fused clean (prompt or block) K/V stay
         self.forwards += 1
+        self.index += 1
+        self.done = not bool(working)
+        return self.done
+
+    def _commit(self, logits: torch.Tensor, k_min: int) -> torch.Tensor:
+        """Propose from ``logits`` ``[batch, B, V]``, commit (and revise), end answers; returns "anyone still working"."""
+        opts, rule, revise = self.opts, self.opts.rule, self.opts.revise
+        block, masked = self.block, self.masked
         proposal, score, prob = propose_tokens(logits, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                                                score=rule.score, generator=self.generator,
                                                suppress_token_id=opts.mask_token_id)
-        k_min = self.schedule[min(self.index, len(self.schedule) - 1)]
         commit = select_commits(score, masked, k_min, dynamic=rule.dynamic, threshold=opts.confidence_threshold,
                                 budget=rule.budget)
         if revise:
@@ -576,26 +634,42 @@ class BlockRun:
             self.confidence = torch.where(update, score, self.confidence)
         masked = masked ^ commit  # commit is a subset of masked
         if opts.eos_exit and not revise:
-            # end of answer: once a sample's block holds a committed EOS with every position before it
-            # committed, nothing after it can reach the output (committed tokens are final), so the
-            # sample stops working on the block -- same output, fewer forwards
-            open_before = (masked.long().cumsum(-1) - masked.long()) > 0
-            closed = (torch.isin(block, self.eos) & ~masked & ~open_before).any(-1)
-            masked = masked & ~closed[:, None]
+            masked = close_at_eos(block, masked, self.eos)
         self.masked = masked
-        self.index += 1
         if revise:
             self.active = masked.any(-1) | (revised.any(-1) & (self.extra < opts.max_revision_steps))
-            working = self.active.any()
-        else:
-            working = masked.any()
-        self.done = not bool(working)
-        return self.done
+            return self.active.any()
+        return masked.any()
 
     def steps_per_sample(self) -> torch.Tensor:
         """Denoising steps each sample took part in ``[batch]``."""
         flat = torch.stack(self.history)
         return (flat if self.opts.revise else flat.any(-1)).long().sum(0)
+
+
+def close_at_eos(block: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """End of answer (``eos_exit``): once a sample's block ``[batch, B]`` holds a committed EOS with every position
+    before it committed, nothing after it can reach the output (committed tokens are final), so the sample stops
+    working on the block -- same output, fewer forwards. Returns the new ``masked`` ``[batch, B]``."""
+    open_before = (masked.long().cumsum(-1) - masked.long()) > 0
+    closed = (torch.isin(block, eos) & ~masked & ~open_before).any(-1)
+    return masked & ~closed[:, None]
+
+
+def greedy_step(forward: StepForward, input_ids: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor,
+                logits_positions: torch.Tensor, cache: Any, block: torch.Tensor, masked: torch.Tensor,
+                eos: torch.Tensor, *, k_min: int, dynamic: bool, threshold: float, budget: bool, score: str, top_k: int,
+                top_p: float, mask_token_id: int, eos_exit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One greedy denoising step as a pure function (what :class:`BlockRun` compiles): the forward, the proposal,
+    the commits and the end-of-answer check, the same rules as :meth:`BlockRun.step`. Returns the new
+    ``(block, masked)``, both ``[batch, B]``."""
+    batch, B = block.shape
+    logits = forward(input_ids, attention_mask, position_ids, logits_positions, cache).view(batch, B, -1)
+    proposal, value, _ = propose_tokens(logits, top_k=top_k, top_p=top_p, score=score, suppress_token_id=mask_token_id)
+    commit = select_commits(value, masked, k_min, dynamic=dynamic, threshold=threshold, budget=budget)
+    block = torch.where(commit, proposal, block)
+    masked = masked ^ commit
+    return block, (close_at_eos(block, masked, eos) if eos_exit else masked)
 
 
 def check_model_inputs(model: Any, data: Mapping[str, Any]) -> None:
@@ -646,6 +720,7 @@ def block_diffusion_generate(
     revision_threshold: float | None = None,
     max_revision_steps: int | None = None,
     eos_exit: bool | None = None,
+    compile: bool | None = None,
     mask_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
@@ -679,6 +754,9 @@ def block_diffusion_generate(
         eos_exit: end a block for a sample once it holds a committed EOS with every earlier position
             committed (default; the output is the same as with ``False``, which keeps denoising the
             positions after the EOS as the published decoder does). Not applied with ``revise``.
+        compile: decode with a preallocated KV cache and a compiled step (:mod:`.static`): the same tokens, each
+            forward cheaper; the first call with a new (batch, block size, cache length bucket) compiles its graphs
+            (seconds), later calls reuse them. Needs ``sdpa``/``eager`` attention. Default ``False``.
         mask_token_id, eos_token_id, pad_token_id: override the checkpoint's ids.
         block_callback: ``f(block_index, tokens [batch, B], finished [batch])`` after each block
             (streaming); ``tokens`` are what the output will hold (pad after EOS).
@@ -713,6 +791,7 @@ def block_diffusion_generate(
         revision_threshold=revision_threshold,
         max_revision_steps=max_revision_steps,
         eos_exit=eos_exit,
+        compile=compile,
         mask_token_id=mask_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
