@@ -44,17 +44,29 @@ def _training_row(clean_blocks: int, noisy: bool) -> tuple[torch.Tensor, torch.T
     return token_type, block_ids, doc_ids
 
 
-def _builder(flex: bool) -> _MaskBuilder:
-    key_valid = torch.cat([_valid(), torch.ones(len(REAL), BLOCKS * B, dtype=torch.bool)], dim=1)
-    builder = _MaskBuilder(SimpleNamespace(uses_flex_attention=flex), key_valid, torch.float32)
+SLACK = 5  # a static cache's buffer is longer than the row (its length is rounded up to a bucket)
+
+
+def _builder(flex: bool | str) -> _MaskBuilder:
+    """``flex``: True (FlexAttention), False (dense) or ``"static"`` (dense over a static cache's whole buffer)."""
+    static = flex == "static"
+    flex = flex is True
+    key_valid = torch.cat([_valid(), torch.ones(len(REAL), BLOCKS * B + (SLACK if static else 0), dtype=torch.bool)],
+                          dim=1)
+    builder = _MaskBuilder(SimpleNamespace(uses_flex_attention=flex), key_valid, torch.float32, static=static)
     if flex:
         builder._flex = lambda visible: visible  # the boolean matrix the BlockMask is made from
     return builder
 
 
-def _seen(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[batch, q, kv]`` of an additive ``[batch, 1, q, kv]`` mask or a boolean one."""
-    return mask if mask.dtype == torch.bool else (mask[:, 0] == 0)
+def _seen(mask: torch.Tensor, kv: int | None = None) -> torch.Tensor:
+    """Boolean ``[batch, q, kv]`` of an additive ``[batch, 1, q, kv]`` mask or a boolean one. With ``kv`` (a static
+    mask over a longer buffer) the columns past ``kv`` must all be hidden, and the first ``kv`` are returned."""
+    seen = mask if mask.dtype == torch.bool else (mask[:, 0] == 0)
+    if kv is not None:
+        assert not seen[..., kv:].any(), "a static mask shows a key past the row's end"
+        seen = seen[..., :kv]
+    return seen
 
 
 def test_layout_helpers_are_the_sample_layout_rule():
@@ -67,20 +79,21 @@ def test_layout_helpers_are_the_sample_layout_rule():
     assert prompt_block_ids(torch.tensor([False, False, True, True, True]), 2).tolist() == [0, 0, 0, 0, 1]
 
 
-@pytest.mark.parametrize("flex", [False, True])
+@pytest.mark.parametrize("flex", [False, True, "static"])
 def test_prefill_and_fused_prefill_are_the_training_rule(flex):
     builder, valid = _builder(flex), _valid()
+    static = flex == "static"
     real = valid[:, :, None]  # padding queries' outputs are never used
     expected = visibility(*_training_row(0, False))
-    assert torch.equal(_seen(builder.prefill(valid, prompt_block_ids(valid, B)))[real.expand(-1, -1, PROMPT)],
-                       expected[real.expand(-1, -1, PROMPT)])
-    fused = _seen(builder.prefill(valid, prompt_block_ids(valid, B), B))
+    prefill = _seen(builder.prefill(valid, prompt_block_ids(valid, B)), PROMPT if static else None)
+    assert torch.equal(prefill[real.expand(-1, -1, PROMPT)], expected[real.expand(-1, -1, PROMPT)])
+    fused = _seen(builder.prefill(valid, prompt_block_ids(valid, B), B), PROMPT + B if static else None)
     expected = visibility(*_training_row(0, True))
     rows = torch.cat([valid, torch.ones(len(REAL), B, dtype=torch.bool)], dim=1)[:, :, None].expand_as(expected)
     assert torch.equal(fused[rows], expected[rows])
 
 
-@pytest.mark.parametrize("flex", [False, True])
+@pytest.mark.parametrize("flex", [False, True, "static"])
 @pytest.mark.parametrize("kind,k", [(kind, k) for kind in ("step", "fused", "commit") for k in range(BLOCKS)
                                     if not (kind == "fused" and k + 1 >= BLOCKS)])  # the last block has no next one
 def test_denoising_and_commit_masks_are_the_training_rule(flex, k, kind):
@@ -94,8 +107,9 @@ def test_denoising_and_commit_masks_are_the_training_rule(flex, k, kind):
     else:  # cache: prompt + blocks < k; queries: clean block k
         mask, row, queries = builder.step(PROMPT + k * B, B, 0), _training_row(k + 1, False), slice(PROMPT + k * B, None)
     expected = visibility(*row)[:, queries, :]
-    assert _seen(mask).shape == expected.shape
-    assert torch.equal(_seen(mask), expected)
+    seen = _seen(mask, expected.shape[-1] if flex == "static" else None)
+    assert seen.shape == expected.shape
+    assert torch.equal(seen, expected)
 
 
 def test_server_cohort_masks_are_the_training_rule():

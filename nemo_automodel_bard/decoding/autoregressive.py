@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from .inputs import media_inputs
+from .static import StaticKVCache, StepForward, compile_for, eager_step, static_length
 from .unmasking import propose_tokens
 
 
@@ -64,6 +66,7 @@ def ar_generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Greedy (or sampled) autoregressive decoding with a KV cache, the network run causally.
 
@@ -73,6 +76,8 @@ def ar_generate(
         max_new_tokens: upper bound on generated tokens per sample.
         eos_token_id: stop id(s); ``None`` generates exactly ``max_new_tokens`` (benchmarks).
         pad_token_id: fills positions after a sample's EOS (default: the first EOS id, else 0).
+        compile: a preallocated KV cache and the one-token step compiled (with greedy decoding, the forward and
+            the argmax as one graph): the AR counterpart of the block decoder's ``compile=True``, same tokens.
 
     Returns:
         ``(ids [batch, n], stats)``; ``stats`` has ``forwards_total``, ``prefill_forwards``,
@@ -101,16 +106,28 @@ def ar_generate(
     started = time.perf_counter()
 
     # key validity for the whole run: prompt padding is invalid, generated tokens are valid
-    key_valid = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=device)
+    width = prompt_len + max_new_tokens
+    if compile:  # the whole buffer in every mask; keys past the current token are hidden
+        width = static_length(width)
+        if not use_positions:
+            raise ValueError("compile=True needs a model whose forward takes logits_positions (a Bard-VL model)")
+        cache: Any = StaticKVCache(model.config.text_config, batch, width, dtype, device)
+        step: StepForward = compile_for(model, "ar_step", eager_step(model))
+        greedy = compile_for(model, "ar_greedy_step", functools.partial(_greedy_token, eager_step(model)))
+    else:
+        cache = DynamicCache(config=model.config.text_config)
+    key_valid = torch.ones(batch, width, dtype=torch.bool, device=device)
     key_valid[:, :prompt_len] = valid
     key_bias = torch.zeros(key_valid.shape, dtype=dtype, device=device).masked_fill_(~key_valid, min_value)
+    key_index = torch.arange(width, device=device)
 
     positions = _prompt_positions(model, data, valid)
-    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
-    visible = (valid[:, None, :] & causal[None]) | torch.eye(prompt_len, dtype=torch.bool, device=device)[None]
+    causal = torch.ones(prompt_len, width, dtype=torch.bool, device=device).tril()
+    visible = (key_valid[:, None, :] & causal[None]) | torch.eye(prompt_len, width, dtype=torch.bool, device=device)[None]
+    if not compile:
+        visible = visible[:, :, :prompt_len]
     prefill_mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, min_value)[:, None]
     last = prompt_len - 1 - valid.flip(-1).long().argmax(-1)  # index of each prompt's last real token
-    cache = DynamicCache(config=model.config.text_config)
     kwargs: dict[str, Any] = {}
     rows = torch.arange(batch, device=device)
     if use_positions:
@@ -135,11 +152,14 @@ def ar_generate(
     generated = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     logits = out.logits.reshape(batch, -1)
+    token = None
     for t in range(max_new_tokens):
-        token, _, _ = propose_tokens(
-            logits[:, None], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )
-        token = token[:, 0].masked_fill(finished, pad)
+        if token is None or logits is not None:  # the compiled greedy step returns the next token itself
+            token, _, _ = propose_tokens(
+                logits[:, None], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            token = token[:, 0]
+        token = token.masked_fill(finished, pad)
         generated[:, t] = token
         if eos.numel():
             finished = finished | torch.isin(token, eos)
@@ -148,16 +168,18 @@ def ar_generate(
         if t == max_new_tokens - 1:
             break
         kv = prompt_len + t + 1
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=key_bias[:, None, None, :kv],
-            position_ids=(next_pos + t)[None, :, None].expand(3, batch, 1),
-            past_key_values=cache,
-            use_cache=True,
-            **step_kwargs,
-        )
+        step_positions = (next_pos + t)[None, :, None].expand(3, batch, 1)
         forwards["decode"] += 1
-        logits = out.logits.reshape(batch, -1)
+        if not compile:
+            out = model(input_ids=token[:, None], attention_mask=key_bias[:, None, None, :kv],
+                        position_ids=step_positions, past_key_values=cache, use_cache=True, **step_kwargs)
+            logits = out.logits.reshape(batch, -1)
+            continue
+        step_mask = key_bias.masked_fill(key_index >= kv, min_value)[:, None, None, :]
+        if temperature or top_k or top_p < 1:
+            logits = step(token[:, None], step_mask, step_positions, rows, cache).reshape(batch, -1)
+        else:
+            token, logits = greedy(token[:, None], step_mask, step_positions, rows, cache), None
 
     if eos.numel():
         is_eos = torch.isin(generated, eos)
@@ -184,6 +206,13 @@ def ar_generate(
         "tokens_per_second": num_tokens / max(elapsed, 1e-9),
     }
     return generated[:, :width], stats
+
+
+def _greedy_token(forward: StepForward, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor, logits_positions: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One greedy AR step as a pure function (compiled by ``ar_generate(compile=True)``): the next token ``[batch]``."""
+    logits = forward(input_ids, attention_mask, position_ids, logits_positions, cache)
+    return propose_tokens(logits[:, None])[0][:, 0]
 
 
 __all__ = ["ar_generate"]

@@ -25,7 +25,6 @@ further and decoded again uses its new weights.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -37,22 +36,25 @@ COMPILE_MODES = {"cpu": "max-autotune-no-cudagraphs", "cuda": "reduce-overhead"}
 #: graphs one model may hold (dynamo's default of 8 is low for buckets x batch sizes x block sizes)
 RECOMPILE_LIMIT = 64
 _ATTRIBUTE = "_bard_compiled_step"
+#: the compiler :func:`compile_for` applies (``torch.compile``; the tests swap in the identity to check the static
+#: cache and masks eagerly)
+COMPILER: Callable[..., Any] = torch.compile
 
 #: ``forward(input_ids, attention_mask, position_ids, logits_positions, cache) -> logits``
 StepForward = Callable[[torch.Tensor, Any, torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 def static_length(needed: int) -> int:
-    """The cache length for ``needed`` positions: rounded up to a quarter of its power-of-two octave (at least 64),
-    so prompts of similar length share a compiled graph and at most 25 % of the buffer is slack.
+    """The cache length for ``needed`` positions: rounded up to a multiple of a quarter of the power of two at or
+    below it (at least 64), so prompts of similar length share a compiled graph and less than 25 % is slack.
 
     >>> [static_length(n) for n in (1, 64, 65, 211, 300, 1100)]
-    [64, 64, 80, 256, 384, 1280]
+    [64, 64, 80, 224, 320, 1280]
     """
     if needed <= 64:
         return 64
-    step = 2 ** (math.ceil(math.log2(needed)) - 2)
-    return math.ceil(needed / step) * step
+    step = 2 ** (needed.bit_length() - 3)  # a quarter of the power of two at or below needed
+    return -(-needed // step) * step
 
 
 class StaticKVCache(StaticCache):
@@ -90,7 +92,7 @@ def compile_for(model: Any, name: str, function: Callable[..., Any]) -> Callable
         raise ValueError("compile=True needs the dense attention path (attn_implementation 'sdpa' or 'eager'); this "
                          "model uses FlexAttention, whose kernels are compiled already -- decode with compile=False")
     mode = COMPILE_MODES.get(next(model.parameters()).device.type, "default")
-    compiled = torch.compile(function, mode=mode, dynamic=False)
+    compiled = COMPILER(function, mode=mode, dynamic=False)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
@@ -98,6 +100,12 @@ def compile_for(model: Any, name: str, function: Callable[..., Any]) -> Callable
 
     cached[name] = run
     return run
+
+
+def reset_compiled(model: Any) -> None:
+    """Forget ``model``'s compiled steps (the next compiled decode compiles again), e.g. after changing its dtype
+    or device."""
+    model.__dict__.pop(_ATTRIBUTE, None)
 
 
 def compiled_step(model: Any) -> StepForward:
@@ -117,4 +125,5 @@ def eager_step(model: Any) -> StepForward:
 
 
 __all__ = ["COMPILE_MODES", "RECOMPILE_LIMIT", "StaticKVCache", "StepForward", "compile_for", "compiled_step", "eager_step",
+           "reset_compiled",
            "static_length"]

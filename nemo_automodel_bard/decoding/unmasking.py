@@ -121,7 +121,10 @@ def propose_tokens(
     """
     logits = logits.float()
     if suppress_token_id is not None:
-        logits = logits + _suppression_bias(int(suppress_token_id), logits.shape[-1], logits.device)
+        if torch.compiler.is_compiling():  # a constant of the graph: the same values without the host-side cache
+            logits = logits.index_fill(-1, torch.tensor([int(suppress_token_id)], device=logits.device), float("-inf"))
+        else:
+            logits = logits + _suppression_bias(int(suppress_token_id), logits.shape[-1], logits.device)
     if temperature and temperature > 0:
         logits = filter_logits(logits / temperature, top_k, top_p)
         probs = logits.softmax(-1)
@@ -162,7 +165,10 @@ def select_commits(
         the longest run of best-scoring masked positions whose summed ``1 - score`` is at most
         ``1 - threshold`` (ties: leftmost first; threshold 1: the static twin again).
     """
-    ranked = torch.where(masked, score, _constant(float("-inf"), score.device))  # decided positions never rank
+    if torch.compiler.is_compiling():  # decided positions never rank
+        ranked = score.masked_fill(~masked, float("-inf"))
+    else:
+        ranked = torch.where(masked, score, _constant(float("-inf"), score.device))
     k = min(k, ranked.shape[-1])
     if k > 0:
         # stable sort: among equal scores the leftmost position wins (deterministic, like a Python sort)
