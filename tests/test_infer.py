@@ -114,8 +114,10 @@ def test_one_decoding_options_table_behind_flags_fields_and_model_args():
     actions = {a.dest: a for a in build_parser()._actions}
     for opt in DECODING_OPTIONS:
         assert actions[opt.name].option_strings == [opt.flag] and opt.help in actions[opt.name].help
-        assert opt.request_field in server._KNOWN_FIELDS
-    assert set(server.BARD_FIELDS) | set(server._OPENAI_DECODING) == {o.request_field for o in DECODING_OPTIONS}
+        assert (opt.request_field in server._KNOWN_FIELDS) == opt.served  # compile is the server's, not a request's
+    assert set(server.BARD_FIELDS) | set(server._OPENAI_DECODING) == {o.request_field for o in DECODING_OPTIONS
+                                                                       if o.served}
+    assert [o.name for o in DECODING_OPTIONS if not o.served] == ["compile"]
     assert DECODING_ARGS == DECODING_NAMES
     # text from a command line or model_args converts; bounds and cross-checks are the same everywhere
     assert parse_options({"block_size": "16", "revise": "true", "top_p": "0.5"}, strings=True) == \

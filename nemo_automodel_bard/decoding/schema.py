@@ -41,6 +41,7 @@ class DecodingOption:
         low, high: inclusive bounds (``low_open``: ``low`` itself is refused).
         choices: allowed strings.
         field: the OpenAI request field when it differs (``max_tokens`` for ``max_new_tokens``).
+        served: whether ``bard-vl serve`` takes it per request (the server's batcher decides ``compile`` itself).
     """
 
     name: str
@@ -52,6 +53,7 @@ class DecodingOption:
     low_open: bool = False
     choices: tuple[str, ...] | None = None
     field: str | None = None
+    served: bool = True
 
     @property
     def request_field(self) -> str:
@@ -86,6 +88,8 @@ DECODING_OPTIONS: tuple[DecodingOption, ...] = (
                    str(DEFAULT_REVISION["revision_threshold"]), low=0, high=1),
     DecodingOption("max_revision_steps", int, "extra forwards per block for revisions (with revise)",
                    str(DEFAULT_REVISION["max_revision_steps"]), low=0, high=16),
+    DecodingOption("compile", bool, "static KV cache and compiled block step (same tokens; the first call of a shape "
+                   "compiles)", "false", served=False),
 )
 #: option names, in table order
 DECODING_NAMES: tuple[str, ...] = tuple(o.name for o in DECODING_OPTIONS)

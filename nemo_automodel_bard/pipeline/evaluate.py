@@ -259,6 +259,7 @@ def evaluate_model(
     record_trajectory_of: int | None = None,
     device: str = "auto",
     fused_prefill: bool = True,
+    compile: bool = False,
     speed_samples: int = 0,
     speed_repeats: int = 5,
 ) -> dict[str, Any]:
@@ -267,6 +268,8 @@ def evaluate_model(
     ``order``: the shapes task's answer order (:func:`nemo_automodel_bard.data.shapes.exact_match`). ``device``:
     ``"auto"`` (the first CUDA device when there is one, else the CPU) or any ``torch.device`` string.
     ``fused_prefill``: the decoder's (default); ``False`` runs the published separate prefill forward.
+    ``compile``: decode (block diffusion and AR alike) with the static KV cache and the compiled step: the same
+    tokens; faster per forward once compiled, so it pays off for the batch-1 speed measurement and long runs.
 
     Returns a dict with ``accuracy`` (exact match), ``field_accuracy`` (shapes), ``token_f1`` (chat data), ``tokens_per_forward``
     (response tokens up to EOS divided by the forwards each sample took part in until its EOS: prefill,
@@ -291,12 +294,12 @@ def evaluate_model(
 
     def decode(inputs: Any, trajectory: bool = False) -> tuple[Any, dict]:
         if mode == "ar":
-            return ar_generate(model, inputs, max_new_tokens, eos_token_id=model.config.eos_token_id)
+            return ar_generate(model, inputs, max_new_tokens, eos_token_id=model.config.eos_token_id, compile=compile)
         return block_diffusion_generate(
             model, inputs, max_new_tokens=max_new_tokens, block_size=block_size,
             denoising_steps=denoising_steps or block_size, temperature=0.0, top_k=0, top_p=1.0,
             remasking_strategy=remasking_strategy, confidence_threshold=threshold, return_step_stats=True,
-            record_trajectory=trajectory, fused_prefill=fused_prefill,
+            record_trajectory=trajectory, fused_prefill=fused_prefill, compile=compile,
         )
 
     predictions: list[str] = []

@@ -742,8 +742,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         for threshold in thresholds:
             tag = f"{name}" + ("" if threshold is None else f"@{threshold}")
             path = results_dir / f"{tag}.json"
-            # the device changes how fast, not what is decoded (up to float rounding): not in the key
-            settings = {k: v for k, v in section.items() if k != "device"}
+            # the device and compiling change how fast, not what is decoded (up to float rounding): not in the key
+            settings = {k: v for k, v in section.items() if k not in ("device", "compile")}
             key = fingerprint(ctx.manifest.portable({
                 "model": model_dir, "threshold": threshold, **settings, "data": ctx.cfg["data"],
                 "code": code_digest(EVALUATION_CODE), "numerics": numerics()}))
@@ -761,7 +761,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                     remasking_strategy=section["remasking_strategy"], denoising_steps=section.get("denoising_steps"),
                     batch_size=int(section["batch_size"]), max_new_tokens=int(section["max_new_tokens"]),
                     record_trajectory_of=int(ctx.cfg["report"]["trajectory_index"]) if wants_trajectory else None,
-                    device=str(section.get("device", "auto")),
+                    device=str(section.get("device", "auto")), compile=bool(section.get("compile", False)),
                 )
                 result.update(name=name, model_dir=model_dir,
                               split=split if ctx.cfg["data"]["kind"] == "census" else "heldout")

@@ -38,7 +38,8 @@ from .prompt import TextStream, cut_at_stop, encode_messages
 #: OpenAI's own fields that carry decoding options (the schema's request_field)
 _OPENAI_DECODING = ("max_tokens", "temperature", "top_p")
 #: body fields that select Bard decoding (every option of the decoding schema without an OpenAI name)
-BARD_FIELDS = tuple(o.request_field for o in DECODING_OPTIONS if o.request_field not in _OPENAI_DECODING)
+SERVED_OPTIONS = tuple(o for o in DECODING_OPTIONS if o.served)
+BARD_FIELDS = tuple(o.request_field for o in SERVED_OPTIONS if o.request_field not in _OPENAI_DECODING)
 #: OpenAI fields we accept and have no effect here (documented in docs/serving.md)
 _IGNORED_FIELDS = ("user", "seed", "metadata", "store", "service_tier", "parallel_tool_calls", "logit_bias")
 _KNOWN_FIELDS = {
@@ -215,8 +216,8 @@ class BardServer:
         from nemo_automodel_bard.models.bard_vl.generation_bard_vl import resolve_generate_options
 
         limit = self.config.max_tokens_limit
-        values = {o.name: body.get(o.request_field) for o in DECODING_OPTIONS}
-        labels = {o.name: o.request_field for o in DECODING_OPTIONS}
+        values = {o.name: body.get(o.request_field) for o in SERVED_OPTIONS}
+        labels = {o.name: o.request_field for o in SERVED_OPTIONS}
         if body.get("max_completion_tokens") is not None:
             values["max_new_tokens"], labels["max_new_tokens"] = body["max_completion_tokens"], "max_completion_tokens"
         try:
