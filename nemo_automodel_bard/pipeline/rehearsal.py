@@ -194,8 +194,9 @@ def pipeline_overrides(args: argparse.Namespace, built: dict[str, Any], work_dir
     return [
         f"model=qwen3_vl_{args.size}", f"model.init={built['student_ar']}", "data=jsonl",
         f"data.path={data / 'train.jsonl'}", f"data.root={data}", f"data.eval_path={data / 'val.jsonl'}",
-        f"work_dir={work_dir}", f"run_name=rehearsal-{args.size}", "launcher=torchrun",
-        f"launcher.nproc_per_node={args.nproc}", f"threads={args.threads}",
+        f"work_dir={work_dir}", f"run_name=rehearsal-{args.size}",
+        *(["launcher=torchrun", f"launcher.nproc_per_node={args.nproc}"] if args.launcher == "torchrun"
+          else ["launcher=local", "launcher.isolate=false"]), f"threads={args.threads}",
         f"pbm.block_sizes={list(args.block_sizes)}".replace(" ", ""),
         f"pbm.max_steps={args.steps}", f"swd.max_steps={args.steps}", f"swd.anchor_path={built['anchor']}",
         f"swd.student_block_sizes=[{args.block_sizes[-1]}]", f"swd.control={str(args.control).lower()}",
@@ -403,6 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-side", type=int, default=2048,
                         help="image side in pixels (2048: the PBM recipes' cap of 4,194,304 pixels)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes (gloo)")
+    parser.add_argument("--launcher", choices=("torchrun", "local"), default="torchrun",
+                        help="local: one process, every stage in the pipeline's own process (the CI-sized run)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per training stage")
     parser.add_argument("--local-batch", type=int, default=None, help="rows per rank and step (default: the recipe's)")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -418,6 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-checkpoints", dest="drop_checkpoints", action="store_false",
                         help="keep the optimizer state of finished stages")
     args = parser.parse_args(argv)
+    if args.launcher == "local":
+        args.nproc = 1
     if args.out is None:
         args.out = Path("runs/rehearsal") / args.size
     if args.image_side % 32 or args.image_side * args.image_side > PBM_MAX_PIXELS:
