@@ -128,13 +128,19 @@ def fit(points: list[dict], x_key: str) -> dict:
     if len(per_layer) >= 3:
         X = np.array([[1.0, x, x * x] for x, _ in per_layer])
         out["per_layer"] = np.linalg.lstsq(X, np.array([b for _, b in per_layer], float), rcond=None)[0].tolist()
+    elif len(per_layer) == 1:  # one length: proportional to it (the intercept is ~0 with bf16 weights)
+        out["per_layer"] = [0.0, per_layer[0][1] / per_layer[0][0], 0.0]
     elif per_layer:
         X = np.array([[1.0, x] for x, _ in per_layer])
         out["per_layer"] = [*np.linalg.lstsq(X, np.array([b for _, b in per_layer], float), rcond=None)[0].tolist(), 0.0]
-    if rest:
+    if len(rest) == 1:
+        out["rest"] = [0.0, rest[0][1] / rest[0][0]]
+    elif rest:
         X = np.array([[1.0, x] for x, _ in rest])
         out["rest"] = np.linalg.lstsq(X, np.array([b for _, b in rest], float), rcond=None)[0].tolist()
-    if t_layer:
+    if len(t_layer) == 1:
+        out["time_per_layer"] = [t_layer[0][1] / t_layer[0][0], 0.0]
+    elif t_layer:
         X = np.array([[x, x * x] for x, _ in t_layer])
         out["time_per_layer"] = np.linalg.lstsq(X, np.array([t for _, t in t_layer], float), rcond=None)[0].tolist()
     return out

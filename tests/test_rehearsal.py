@@ -34,7 +34,7 @@ def test_published_configurations_build_the_published_models(size):
 
 def test_depth_cut_keeps_deepstack_mergers():
     assert sizes.deepstack_indexes("4b", 24) == [5, 11, 17]
-    assert sizes.deepstack_indexes("4b", 12) == [5, 11]
+    assert sizes.deepstack_indexes("4b", 12) == [9, 10, 11]  # three mergers kept, on the last layers
     assert sizes.deepstack_indexes("8b", 2) == [0, 1]
     assert sizes.vision_config("8b", 1)["deepstack_visual_indexes"] == [0]
 
