@@ -196,7 +196,8 @@ def pipeline_overrides(args: argparse.Namespace, built: dict[str, Any], work_dir
         f"data.path={data / 'train.jsonl'}", f"data.root={data}", f"data.eval_path={data / 'val.jsonl'}",
         f"work_dir={work_dir}", f"run_name=rehearsal-{args.size}",
         *(["launcher=torchrun", f"launcher.nproc_per_node={args.nproc}"] if args.launcher == "torchrun"
-          else ["launcher=local", "launcher.isolate=false"]), f"threads={args.threads}",
+          else ["launcher=local", "launcher.nproc_per_node=1", "launcher.isolate=false"]),
+        f"threads={args.threads}",
         f"pbm.block_sizes={list(args.block_sizes)}".replace(" ", ""),
         f"pbm.max_steps={args.steps}", f"swd.max_steps={args.steps}", f"swd.anchor_path={built['anchor']}",
         f"swd.student_block_sizes=[{args.block_sizes[-1]}]", f"swd.control={str(args.control).lower()}",
