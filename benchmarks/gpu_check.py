@@ -49,23 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks this 
 import bench_training_step  # noqa: E402
 import gpu_forward_cost  # noqa: E402
 
-#: Qwen3-VL-4B-Instruct's published text tower (its config.json); ``num_hidden_layers`` is set per run
-QWEN3_VL_4B_TEXT = dict(
-    vocab_size=151_936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=262_144, rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                     "mrope_interleaved": True},
-)
-#: Qwen3-VL-4B-Instruct's published vision tower; ``depth`` and ``deepstack_visual_indexes`` are set per run
-QWEN3_VL_4B_VISION = dict(
-    depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
-    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
-    hidden_act="gelu_pytorch_tanh",
-)
-#: Qwen3-VL's special-token ids (Bard-VL's MASK is ``<|mask|>`` at 151671, added by AR init)
-SPECIAL_IDS = dict(image_token_id=151_655, video_token_id=151_656, vision_start_token_id=151_652,
-                   vision_end_token_id=151_653, mask_token_id=bench_training_step.MASK_ID,
-                   eos_token_id=bench_training_step.EOS_ID, pad_token_id=bench_training_step.PAD_ID)
+from nemo_automodel_bard.models import qwen3_vl_sizes  # noqa: E402
+
+#: Qwen3-VL-4B-Instruct's published text and vision towers and special ids (one owner:
+#: nemo_automodel_bard.models.qwen3_vl_sizes); the depths are set per run
+QWEN3_VL_4B_TEXT = qwen3_vl_sizes.text_config("4b")
+QWEN3_VL_4B_VISION = qwen3_vl_sizes.vision_config("4b")
+#: Qwen3-VL's special-token ids (Bard-VL's MASK is the unused row 151671, picked by AR init)
+SPECIAL_IDS = dict(qwen3_vl_sizes.SPECIAL_IDS, mask_token_id=qwen3_vl_sizes.MASK_TOKEN_ID)
 #: the wall-clock budget of a full run on one H100 / H200
 BUDGET_S = 8 * 60
 
@@ -78,15 +69,7 @@ DRY = dict(text_layers=1, vision_layers=1, length=256, prompt_len=64, decode_rep
 
 def stand_in_config(text_layers: int, vision_layers: int):
     """A :class:`BardVLConfig` with Qwen3-VL-4B's widths, vocabulary and special ids, at the given depths."""
-    from nemo_automodel_bard import BardVLConfig
-
-    deepstack = [i for i in QWEN3_VL_4B_VISION["deepstack_visual_indexes"] if i < vision_layers] or [vision_layers - 1]
-    text = {**QWEN3_VL_4B_TEXT, "num_hidden_layers": text_layers, "eos_token_id": SPECIAL_IDS["eos_token_id"],
-            "pad_token_id": SPECIAL_IDS["pad_token_id"]}
-    vision = {**QWEN3_VL_4B_VISION, "depth": vision_layers, "deepstack_visual_indexes": deepstack}
-    return BardVLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                        block_size=bench_training_step.BLOCK, architectures=["BardVLForConditionalGeneration"],
-                        **SPECIAL_IDS)
+    return qwen3_vl_sizes.bard_vl_config("4b", text_layers, vision_layers, block_size=bench_training_step.BLOCK)
 
 
 def _sync(device: torch.device) -> None:

@@ -31,16 +31,13 @@ def build(device: torch.device, num_layers: int = 36, dtype: torch.dtype = torch
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
-    config = Qwen3VLTextConfig(
-        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=num_layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
-                         "mrope_interleaved": True},
-    )
+    from nemo_automodel_bard.models.qwen3_vl_sizes import text_config
+
+    config = Qwen3VLTextConfig(**text_config("4b", num_layers))
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = Qwen3VLTextModel(config).to(dtype).eval()
-        lm_head = torch.nn.Linear(2560, 151936, bias=False, dtype=dtype)
+        lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
     for layer in model.layers:
         layer.self_attn.is_causal = False
     return model, lm_head

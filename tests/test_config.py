@@ -9,6 +9,9 @@ import torch
 
 from nemo_automodel_bard import BardVLConfig, BardVLForConditionalGeneration
 from nemo_automodel_bard.models.bard_vl import QWEN3_VL_MASK_TOKEN_ID
+from nemo_automodel_bard.models.qwen3_vl_sizes import TEXT, VISION
+
+TEXT_4B, VISION_4B = TEXT["4b"], VISION["4b"]  # the published Qwen3-VL-4B-Instruct towers (one owner)
 
 
 def published_4b_config() -> dict:
@@ -25,13 +28,8 @@ def published_4b_config() -> dict:
         "transformers_version": "4.57.3",
         "text_config": {
             "model_type": "bard_vl_text",
-            "vocab_size": 151936,
-            "hidden_size": 2560,
-            "intermediate_size": 9728,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
+            **{k: TEXT_4B[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "head_dim")},
             "hidden_act": "silu",
             "max_position_embeddings": 262144,
             "rms_norm_eps": 1e-6,
@@ -43,16 +41,9 @@ def published_4b_config() -> dict:
         },
         "vision_config": {
             "model_type": "bard_vl",
-            "depth": 24,
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_heads": 16,
-            "out_hidden_size": 2560,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 2304,
-            "deepstack_visual_indexes": [5, 11, 17],
+            **{k: VISION_4B[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                                         "patch_size", "spatial_merge_size", "temporal_patch_size",
+                                         "num_position_embeddings", "deepstack_visual_indexes")},
             "hidden_act": "gelu_pytorch_tanh",
         },
     }

@@ -250,11 +250,23 @@ def _stream_overrides(ctx: Context, stream: str, yaml_path: Path, given: dict[st
     return out
 
 
+def _validation_loader_overrides(yaml_path: Path, full: dict[str, Any]) -> dict[str, Any]:
+    """A held-out set for a recipe whose YAML has no ``validation_dataloader`` (the real-size recipes keep it
+    commented out): the recipe's own loader and collate function for it (the recipe copies the training collator's
+    settings into the validation one); nothing when the recipe has a validation loader or no held-out set is set."""
+    if not full.get("validation_dataset._target_") or _recipe_value(yaml_path, {}, "validation_dataloader"):
+        return {}
+    return {"validation_dataloader._target_": _recipe_value(yaml_path, {}, "dataloader._target_"),
+            "validation_dataloader.collate_fn._target_": _recipe_value(yaml_path, {},
+                                                                       "dataloader.collate_fn._target_")}
+
+
 def _full_overrides(ctx: Context, yaml_path: Path, overrides: dict[str, Any], extra: dict[str, Any],
                     stream: str) -> dict[str, Any]:
     """A stage's overrides plus the data, seed, validation and batch-size ones every run gets (the
     stage's ``overrides`` section, ``extra``, wins)."""
     full = {**overrides, **_data_overrides(ctx.cfg), **_validation_overrides(ctx.cfg)}
+    full.update(_validation_loader_overrides(yaml_path, full))
     full.update(_stream_overrides(ctx, stream, yaml_path, {**full, **(extra or {})}))
     full.update(extra or {})
     full.update(_batch_overrides(yaml_path, _world_size(ctx.launcher), full))

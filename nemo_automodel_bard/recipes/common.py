@@ -136,6 +136,13 @@ def _set_aside(checkpoint: Path) -> Path:
     return kept
 
 
+def _host_peak_rss_gib() -> float:
+    """This process's peak resident set size so far (GiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def checkpoint_problem(checkpoint: Path) -> Optional[str]:
     """What makes a checkpoint directory unresumable at a glance (``None``: nothing found): the model and
     optimizer shards with their ``.metadata`` index and the scheduler state must be there."""
@@ -539,8 +546,9 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             float(sum(t.item() for t in loss_buffer)),
             float(sum(float(s.get("ce_sum", 0.0)) for s in stat_buffer)),
             float(sum(float(s.get("correct", 0.0)) for s in stat_buffer)),
+            _host_peak_rss_gib(),
         ]
-        loss_sum, ce_sum, correct = self._allreduce_sum(local)
+        loss_sum, ce_sum, correct, rss_sum = self._allreduce_sum(local)
         loss_tokens = max(global_counts.get("loss_tokens", 0.0), 1.0)
         tps = global_counts.get("tokens", 0.0) / elapsed
         dp = max(self._get_dp_group_size(), 1)
@@ -558,6 +566,9 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             "ce": ce_sum / loss_tokens,
             "accuracy": correct / loss_tokens,
             "step_time": elapsed,
+            # host memory (the CPU runs' peak memory): this rank's peak resident set so far, and the sum over ranks
+            "host_peak_rss_gib": local[-1],
+            "host_peak_rss_sum_gib": rss_sum,
         }
         metrics.update(self._extra_metrics(global_counts))
 
