@@ -17,6 +17,10 @@ vocabulary of 151,936 rows, tied embeddings; vision: hidden 1024, MLP 4096, 16 h
 * **the decode per-forward cost** -- the text tower of ``benchmarks/gpu_forward_cost.py`` in bf16: one forward of 1
   new token (an AR step) against one of a 16- and a 32-token block (a block-diffusion step) over the same cached
   prompt, logits for every query row, eager mode;
+* **compiled decoding** -- the Bard-VL decoder itself, eager against ``compile=True`` (static KV cache, the step
+  compiled with CUDA graphs; ``benchmarks/bench_compiled.py``), ms per forward of the AR step and of the B = 16 /
+  B = 32 steps at batch 1, with identical tokens required (a stand-in with 12 of the 36 text layers, so the
+  compile fits the budget; the dry run uses the tiny test sizes);
 * **a serving smoke request** -- ``bard-vl serve``'s server in this process (a tiny random checkpoint: the stand-in
   has no tokenizer of its own) answers one chat request on the same device.
 
@@ -46,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks this check reuses
 
+import bench_compiled  # noqa: E402
 import bench_training_step  # noqa: E402
 import gpu_forward_cost  # noqa: E402
 
@@ -61,10 +66,13 @@ SPECIAL_IDS = dict(qwen3_vl_sizes.SPECIAL_IDS, mask_token_id=qwen3_vl_sizes.MASK
 BUDGET_S = 8 * 60
 
 #: the full check on a GPU, and the dry run on a CPU (no warm-up there: it checks the code, its times are not figures)
+#: ``compiled_*``: the decoder eager vs ``compile=True`` (CUDA graphs) on a stand-in of that depth (a third of 4B's
+#: text layers on the GPU, to keep the compile within the budget; the dry run uses the tiny test sizes)
 FULL = dict(text_layers=36, vision_layers=24, length=1024, prompt_len=2048, decode_reps=20, decode_warmup=3,
-            step_reps=2, step_warmup=1)
+            step_reps=2, step_warmup=1, compiled_size="4b", compiled_layers=12, compiled_repeats=3)
 DRY = dict(text_layers=1, vision_layers=1, length=256, prompt_len=64, decode_reps=1, decode_warmup=0,
-           step_reps=1, step_warmup=0, freeze_embedding=True)
+           step_reps=1, step_warmup=0, freeze_embedding=True, compiled_size="tiny", compiled_layers=1,
+           compiled_repeats=1)
 
 
 def stand_in_config(text_layers: int, vision_layers: int):
@@ -190,6 +198,21 @@ def check_decode(device: torch.device, settings: dict, result: dict) -> None:
     _reset_peak(device)
 
 
+def check_compiled_decode(device: torch.device, settings: dict, result: dict) -> None:
+    """The decoder itself, eager vs ``compile=True`` (static KV cache, compiled step; CUDA graphs on a GPU): ms per
+    forward of the AR step and of the B = 16 / B = 32 steps at batch 1 (``benchmarks/bench_compiled.py``)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_compiled.standin_model(settings["compiled_layers"], device, dtype, size=settings["compiled_size"])
+    rows = bench_compiled.standin_rows(model, settings["compiled_repeats"])
+    result["compiled_decode"] = {
+        "size": settings["compiled_size"], "text_layers": settings["compiled_layers"],
+        "dtype": str(dtype).replace("torch.", ""), "batch": 1,
+        "rows": [{"step": r["label"], "identical": r["identical"], "warmup_compiled_s": r["warmup_compiled_s"],
+                  **{f"{k}_ms": v for k, v in r["ms_per_forward"].items()}} for r in rows]}
+    del model
+    _reset_peak(device)
+
+
 def check_serve(device: torch.device, result: dict) -> None:
     """One chat request to ``bard-vl serve``'s server (in this process, loopback) with a tiny random checkpoint."""
     import urllib.request
@@ -238,6 +261,12 @@ def summary(result: dict) -> str:
         lines.append(f"| decode forward, prompt {d['prompt_len']} ({d['dtype']}, {d['mode']}) | AR 1 token "
                      f"{d['ar_step_ms']:.2f} ms, B=16 {d['b16_step_ms']:.2f} ms ({d['b16_over_ar']:.2f}x), B=32 "
                      f"{d['b32_step_ms']:.2f} ms ({d['b32_over_ar']:.2f}x) |")
+    c = result.get("compiled_decode")
+    if c:
+        for r in c["rows"]:
+            lines.append(f"| {r['step']}, {c['size']} x {c['text_layers']} layers ({c['dtype']}), eager -> compiled | "
+                         f"{r['eager_median_ms']:.2f} -> {r['compiled_median_ms']:.2f} ms/forward (compile "
+                         f"{r['warmup_compiled_s']:.0f} s), identical tokens: {'yes' if r['identical'] else 'NO'} |")
     s = result.get("serve")
     if s:
         lines.append(f"| serving smoke ({s['model']}) | {s['completion_tokens']} tokens in {s['seconds']:.2f} s |")
@@ -264,6 +293,7 @@ def run(dry_run: bool, out: Path, threads: int | None = None) -> dict:
         "config": {"text": QWEN3_VL_4B_TEXT, "vision": QWEN3_VL_4B_VISION, **SPECIAL_IDS}, "errors": {}}
     for name, check in (("training", lambda: check_training(device, settings, result)),
                         ("decode", lambda: check_decode(device, settings, result)),
+                        ("compiled_decode", lambda: check_compiled_decode(device, settings, result)),
                         ("serve", lambda: check_serve(device, result))):
         part_started = time.perf_counter()
         try:
@@ -278,6 +308,8 @@ def run(dry_run: bool, out: Path, threads: int | None = None) -> dict:
         {"name": "swd step", "ok": bool(result.get("swd_step", {}).get("finite"))},
         {"name": "decode", "ok": "decode" in result and all(
             result["decode"][k] > 0 for k in ("ar_step_ms", "b16_step_ms", "b32_step_ms"))},
+        {"name": "compiled decode", "ok": "compiled_decode" in result and all(
+            r["identical"] for r in result["compiled_decode"]["rows"])},
         {"name": "serve", "ok": bool(result.get("serve", {}).get("ok"))},
         {"name": f"within {BUDGET_S} s", "ok": dry_run or result["seconds"] <= BUDGET_S},
     ]
