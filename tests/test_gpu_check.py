@@ -27,14 +27,17 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     assert result["settings"]["text_layers"] == 1
     assert result["params"] > 151_936 * 2560  # the real embedding matrix is there (frozen in the dry run)
     assert 0 < result["trained_params"] < result["params"] - 151_936 * 2560 + 1
-    assert set(result["part_seconds"]) == {"training", "decode", "serve"}
+    assert set(result["part_seconds"]) == {"training", "decode", "compiled_decode", "serve"}
     for step in ("pbm_step", "swd_step"):
         r = result[step]
         assert r["seconds"] > 0 and r["peak_memory_gib"] > 0 and r["finite"] and r["block_size"] == 32
     decode = result["decode"]
     assert all(decode[k] > 0 for k in ("ar_step_ms", "b16_step_ms", "b32_step_ms", "b32_over_ar"))
+    compiled = result["compiled_decode"]["rows"]
+    assert [r["step"] for r in compiled] == ["AR step (1 query)", "B=16 step", "B=32 step"]
+    assert all(r["identical"] and r["compiled_median_ms"] > 0 and r["eager_median_ms"] > 0 for r in compiled)
     assert result["serve"]["ok"] and result["serve"]["completion_tokens"] > 0
-    assert {c["name"] for c in result["checks"]} >= {"pbm step", "swd step", "decode", "serve"}
+    assert {c["name"] for c in result["checks"]} >= {"pbm step", "swd step", "decode", "compiled decode", "serve"}
     summary = (tmp_path / "gpu_check.md").read_text()
     assert "PBM STEP" in summary and "B=32" in summary and "Passed: yes" in summary
 
