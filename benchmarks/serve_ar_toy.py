@@ -5,7 +5,7 @@ The repository's converted census models do not reach the AR parent's accuracy (
 job cannot give an equal-accuracy comparison. This one does, on a toy task both models learn perfectly:
 
 * the task: the tests' three toy questions (two about a picture, sent inline as PNG data URLs, one text-only),
-  each answer 10-16 tokens plus EOS;
+  answers of a few words ending with EOS;
 * the Bard-VL model: ``bard-vl tiny`` (seed 0) trained with the block-diffusion loss (``train_toy``, block sizes
   4/8/16/32) -- the tests' toy recipe with larger blocks;
 * the AR model: the same initial weights written as a plain Qwen3-VL (``serve_load.write_ar_copy``) and trained
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ar-python", required=True, help="the Python that runs transformers serve (accelerate, fastapi)")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--steps", type=int, default=150, help="training steps of each model")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of each model (150: an unconfident Bard-VL)")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--out", type=Path, default=None)
