@@ -126,18 +126,36 @@ def test_entry_point_is_declared():
     assert "lmms-eval" in " ".join(project["optional-dependencies"]["eval"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
-                    reason="lmms-eval is not installed (pip install .[eval]; see docs/evaluation.md)")
-def test_lmms_eval_runs_the_tiny_task_end_to_end(toy_model_dir, tmp_path):
-    names = [ep.name for ep in importlib.metadata.entry_points(group="lmms_eval.models")]
+def _lmms_python() -> str | None:
+    """A Python that runs lmms-eval with this package's entry point: this one when lmms-eval is installed here,
+    else the one ``BARD_LMMS_EVAL_PYTHON`` names (lmms-eval in its own environment, docs/evaluation.md)."""
+    if importlib.util.find_spec("lmms_eval") is not None:
+        return sys.executable
+    python = os.environ.get("BARD_LMMS_EVAL_PYTHON")
+    return python if python and Path(python).exists() else None
+
+
+LMMS_MISSING = "lmms-eval is not installed here and BARD_LMMS_EVAL_PYTHON names no Python with it (docs/evaluation.md)"
+
+
+def _needs_entry_point(python: str) -> None:
+    probe = "import importlib.metadata as m; print(*[e.name for e in m.entry_points(group='lmms_eval.models')])"
+    names = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120).stdout.split()
     if "bard_vl" not in names:
-        pytest.skip("this environment's install of the package predates the entry point (reinstall it)")
+        pytest.skip(f"{python}'s install of the package predates the entry point (reinstall it)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_lmms_python() is None, reason=LMMS_MISSING)
+def test_lmms_eval_runs_the_tiny_task_end_to_end(toy_model_dir, tmp_path):
+    python = _lmms_python()
+    _needs_entry_point(python)
     records = [{"question": p, "answer": a, "image": toy_picture(*pic) if pic else None} for p, a, pic in TOY_PAIRS]
     task_dir = write_tiny_task(tmp_path / "task", records * 2)
     stats = tmp_path / "stats.jsonl"
     env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "lmms_eval", "--model", "bard_vl",
+    command = [python, "-m", "lmms_eval", "--model", "bard_vl",
                "--model_args", f"pretrained={toy_model_dir},block_size=4,system_prompt=,stats_path={stats}",
                "--tasks", "bard_tiny", "--include_path", str(task_dir), "--batch_size", "2", "--device", "cpu",
                "--output_path", str(tmp_path / "out")]
@@ -149,6 +167,24 @@ def test_lmms_eval_runs_the_tiny_task_end_to_end(toy_model_dir, tmp_path):
     report = json.loads(stats.read_text().splitlines()[-1])
     assert report["samples"] == 6 and report["batches"] == 3 and report["tokens_per_forward"] > 0.5
     assert "tokens/forward" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_lmms_python() is None, reason=LMMS_MISSING)
+def test_two_lmms_eval_processes_give_the_scores_of_one(toy_model_dir, tmp_path):
+    """``accelerate launch --num_processes 2`` on the CPU: both ranks answer a share of the tiny task's 7 questions
+    (unequal shares), lmms-eval merges them once, and the scores and every answer equal a one-process run's
+    (benchmarks/lmms_eval_two_process.py, which docs/evaluation.md runs)."""
+    python = _lmms_python()
+    _needs_entry_point(python)
+    spec = importlib.util.spec_from_file_location("lmms_eval_two_process", ROOT / "benchmarks" / "lmms_eval_two_process.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.compare(python, toy_model_dir, tmp_path, copies=2, extra=1)
+    one, two = summary["one_process"], summary["two_processes"]
+    assert one["scores"]["exact_match,none"] == 1.0
+    assert summary["same_scores"] and summary["same_answers"], summary
+    assert one["samples_per_rank"] == [7] and sorted(two["samples_per_rank"]) == [4, 4]  # lmms-eval pads a share
 
 
 def test_one_path_from_a_chat_to_model_inputs(loaded, toy_model_dir, tmp_path):
