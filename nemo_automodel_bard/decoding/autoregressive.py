@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .inputs import media_inputs
-from .static import StaticKVCache, StepForward, compile_for, eager_step, static_length
+from .static import StaticKVCache, StepForward, attention_window, compile_for, eager_step, fit_window, static_length
 from .unmasking import propose_tokens
 
 
@@ -124,8 +124,7 @@ def ar_generate(
     positions = _prompt_positions(model, data, valid)
     causal = torch.ones(prompt_len, width, dtype=torch.bool, device=device).tril()
     visible = (key_valid[:, None, :] & causal[None]) | torch.eye(prompt_len, width, dtype=torch.bool, device=device)[None]
-    if not compile:
-        visible = visible[:, :, :prompt_len]
+    visible = visible[:, :, : attention_window(prompt_len, width) if compile else prompt_len]
     prefill_mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, min_value)[:, None]
     last = prompt_len - 1 - valid.flip(-1).long().argmax(-1)  # index of each prompt's last real token
     kwargs: dict[str, Any] = {}
@@ -136,6 +135,7 @@ def ar_generate(
         if not bool((last == prompt_len - 1).all()):
             raise ValueError("right-padded prompts need a model whose forward takes logits_positions")
         kwargs["logits_to_keep"] = 1
+    fit_window(cache, prefill_mask)
     out = model(
         input_ids=input_ids,
         attention_mask=prefill_mask,
@@ -175,7 +175,9 @@ def ar_generate(
                         position_ids=step_positions, past_key_values=cache, use_cache=True, **step_kwargs)
             logits = out.logits.reshape(batch, -1)
             continue
-        step_mask = key_bias.masked_fill(key_index >= kv, min_value)[:, None, None, :]
+        window = attention_window(kv, width)
+        step_mask = key_bias[:, :window].masked_fill(key_index[:window] >= kv, min_value)[:, None, None, :]
+        cache.fit(step_mask)
         if temperature or top_k or top_p < 1:
             logits = step(token[:, None], step_mask, step_positions, rows, cache).reshape(batch, -1)
         else:

@@ -48,7 +48,8 @@ from nemo_automodel_bard.diffusion.masks import (
 
 from .defaults import DEFAULT_DECODING, DEFAULT_MAX_NEW_TOKENS, DEFAULT_REVISION
 from .inputs import MEDIA_KEYS, media_inputs
-from .static import StaticKVCache, StepForward, compile_for, compiled_step, eager_step, static_length
+from .static import (StaticKVCache, StepForward, attention_window, compile_for, compiled_step, eager_step, fit_window,
+                     static_length)
 from .unmasking import UnmaskingRule, propose_tokens, select_commits, transfer_schedule
 
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", *MEDIA_KEYS)
@@ -274,7 +275,7 @@ class _MaskBuilder:
         if self.flex:
             return self._flex(visible)
         q = visible.shape[-1]
-        width = self.key_valid.shape[1] if self.static else q
+        width = attention_window(q, self.key_valid.shape[1]) if self.static else q
         additive = torch.full((self.batch, q, width), self.min, dtype=self.dtype, device=self.device)
         additive[:, :, :q].masked_fill_(visible, 0.0)
         return additive.unsqueeze(1)
@@ -291,10 +292,11 @@ class _MaskBuilder:
             visible[:, :n_clean, cached + n_clean :] = False
             return self._flex(visible)
         if self.static:  # keys past a query's last visible one are hidden: what the buffer holds there is stale
+            width = attention_window(kv, self.key_valid.shape[1])
             limit = torch.full((q,), kv, device=self.device)
             limit[:n_clean] = cached + n_clean
-            beyond = torch.arange(self.key_valid.shape[1], device=self.device)[None, :] >= limit[:, None]  # [q, L]
-            return self.key_bias[:, None, None, :].masked_fill(beyond, self.min)
+            beyond = torch.arange(width, device=self.device)[None, :] >= limit[:, None]  # [q, width]
+            return self.key_bias[:, None, None, :width].masked_fill(beyond, self.min)
         if n_clean and block:
             seen = self.key_bias[:, None, None, : cached + n_clean].expand(self.batch, 1, q, cached + n_clean)
             return torch.cat([seen, self._tail(n_clean, block)], dim=-1)
@@ -393,9 +395,11 @@ class _BlockDecoder:
         if self.opts.fused_prefill:
             self._prompt = (prompt_pos, prompt_block)
             return
+        mask = self.masks.prefill(self.valid, prompt_block)
+        fit_window(self.cache, mask)
         self.model(
             input_ids=input_ids,
-            attention_mask=self.masks.prefill(self.valid, prompt_block),
+            attention_mask=mask,
             position_ids=prompt_pos,
             past_key_values=self.cache,
             use_cache=True,
@@ -527,7 +531,9 @@ def commit_block(model: Any, cache: Any, masks: _MaskBuilder, cached: int, token
     """The published separate commit forward (``fused_commit=False``): write the finished block ``tokens``
     ``[batch, B]`` at ``positions`` to the cache of ``cached`` keys, no logits."""
     batch, B = tokens.shape
-    model(input_ids=tokens, attention_mask=masks.step(cached, B, 0), position_ids=positions[None].expand(3, batch, B),
+    mask = masks.step(cached, B, 0)
+    fit_window(cache, mask)
+    model(input_ids=tokens, attention_mask=mask, position_ids=positions[None].expand(3, batch, B),
           past_key_values=cache, use_cache=True, logits_positions=torch.empty(0, dtype=torch.long, device=tokens.device))
 
 
@@ -588,6 +594,7 @@ class BlockRun:
         inputs = self.inputs if self.inputs is not None else dict(self.steady, input_ids=block)
         self.inputs = None
         k_min = self.schedule[min(self.index, len(self.schedule) - 1)]
+        fit_window(self.cache, inputs["attention_mask"])  # a static cache reads as many keys as the mask covers
         compiled = self.forward is not None and not (self.eager_first and self.index == 0)
         if compiled and self.greedy is not None:  # forward and commits in one compiled graph
             self.history.append(masked)
