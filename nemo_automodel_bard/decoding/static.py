@@ -134,8 +134,14 @@ def compile_for(model: Any, name: str, function: Callable[..., Any]) -> Callable
     compiled = COMPILER(function, mode=mode, dynamic=False)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        # the limit applies while this call may compile; set directly (``config.patch`` costs ~0.2 ms per call)
+        config = torch._dynamo.config
+        before = config.recompile_limit
+        config.recompile_limit = max(before, RECOMPILE_LIMIT)
+        try:
             return compiled(*args, **kwargs)
+        finally:
+            config.recompile_limit = before
 
     cached[name] = run
     return run
