@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PBM_B2 = ROOT / "recipes" / "tiny" / "pbm.yaml"
@@ -40,7 +41,7 @@ def fixed_data(tmp_path_factory):
     return path
 
 
-def _torchrun(nproc: int, tiny_model_dir: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, tiny_model_dir: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     dataset = f"{{'_target_': 'nemo_automodel_bard.data.chat_dataset.ChatDataset', 'path': '{data}'}}"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -58,6 +59,7 @@ def _torchrun(nproc: int, tiny_model_dir: Path, data: Path, out: Path) -> subpro
         "--dataloader.collate_fn.block_size=8",
         "--optimizer.lr=2e-3",
         "--bard.progress_bar=false",
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -126,3 +128,35 @@ def test_two_gloo_processes_match_one(run_np1, run_np2):
         assert a["num_samples"] == b["num_samples"] == 2
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-5)
+
+
+LORA = ["--peft._target_=nemo_automodel.components._peft.lora.PeftConfig",
+        "--peft.target_modules=['*.language_model.layers.*.self_attn.*_proj', '*.language_model.layers.*.mlp.*_proj']",
+        "--peft.dim=8", "--peft.alpha=16", "--optimizer.lr=1e-2", "--step_scheduler.val_every_steps=100"]
+
+
+@pytest.mark.slow
+def test_lora_under_two_gloo_processes_matches_one_and_exports_both_forms(tiny_model_dir, fixed_data, tmp_path):
+    """``peft=lora`` with the pipeline's multi-process launcher (``torchrun --nproc-per-node=2``, FSDP2 over gloo):
+    the same losses as one process, and rank 0 exports the merged model and the adapter (docs/peft.md)."""
+    from safetensors.torch import load_file
+
+    from helpers import read_weights
+
+    outs = {n: tmp_path / f"np{n}" for n in (1, 2)}
+    for nproc, out in outs.items():
+        _torchrun(nproc, tiny_model_dir, fixed_data, out, *LORA, "--step_scheduler.max_steps=3")
+    log1, log2 = _log(outs[1]), _log(outs[2])
+    assert len(log1) == len(log2) == 3
+    for a, b in zip(log1, log2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    assert log1[-1]["loss"] < log1[0]["loss"]  # the adapters trained
+    adapters = [load_file(str(out / "adapter" / "adapter_model.safetensors")) for out in outs.values()]
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 7 * layers  # A and B, 7 per layer
+    for key, value in adapters[0].items():  # whole tensors from the two shards, equal up to float rounding
+        assert torch.allclose(adapters[1][key], value, rtol=1e-3, atol=1e-5), key
+    merged = [read_weights(out / "final") for out in outs.values()]
+    assert merged[0].keys() == merged[1].keys() == read_weights(Path(tiny_model_dir)).keys()
+    for key, value in merged[0].items():
+        assert torch.allclose(merged[1][key], value, rtol=1e-3, atol=1e-5), key
