@@ -53,7 +53,17 @@ def test_peft_group_gives_the_recipe_section_for_student_stages_only():
     assert peft_overrides(_pipeline_config(["peft=lora", "peft.stages=[swd]"]), "pbm") == {}
 
 
+def test_lr_scale_multiplies_the_learning_rate_of_adapted_stages_only():
+    from nemo_automodel_bard.pipeline.stages import peft_lr_scale
+
+    assert peft_lr_scale(_pipeline_config([]), "pbm") == 1.0  # full fine-tuning: the recipe's lr
+    cfg = _pipeline_config(["peft=lora", "peft.lr_scale=4", "peft.stages=[pbm]"])
+    assert peft_lr_scale(cfg, "pbm") == 4.0
+    assert peft_lr_scale(cfg, "swd") == peft_lr_scale(cfg, None) == 1.0  # trained in full: unscaled
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (["peft=lora", "peft.lr_scale=0"], "peft.lr_scale"),
     (["peft=lora", "peft.stages=[teacher]"], "peft.stages"),
     (["peft=lora", "peft.dim=0"], "peft.dim"),
     (["peft=lora", "peft.target_modules=[]"], "peft.target_modules"),

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PBM_B2 = ROOT / "recipes" / "tiny" / "pbm.yaml"
@@ -40,7 +41,7 @@ def fixed_data(tmp_path_factory):
     return path
 
 
-def _torchrun(nproc: int, tiny_model_dir: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, tiny_model_dir: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     dataset = f"{{'_target_': 'nemo_automodel_bard.data.chat_dataset.ChatDataset', 'path': '{data}'}}"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -58,6 +59,7 @@ def _torchrun(nproc: int, tiny_model_dir: Path, data: Path, out: Path) -> subpro
         "--dataloader.collate_fn.block_size=8",
         "--optimizer.lr=2e-3",
         "--bard.progress_bar=false",
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -126,3 +128,41 @@ def test_two_gloo_processes_match_one(run_np1, run_np2):
         assert a["num_samples"] == b["num_samples"] == 2
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-5)
+
+
+LORA = ["--peft._target_=nemo_automodel.components._peft.lora.PeftConfig",
+        "--peft.target_modules=['*.language_model.layers.*.self_attn.*_proj', '*.language_model.layers.*.mlp.*_proj']",
+        "--peft.dim=8", "--peft.alpha=16", "--optimizer.lr=1e-2", "--step_scheduler.val_every_steps=100"]
+
+
+@pytest.mark.slow
+def test_lora_under_two_gloo_processes_trains_and_exports_whole_adapters(tiny_model_dir, fixed_data, tmp_path):
+    """``peft=lora`` under the pipeline's multi-process launcher (``torchrun --nproc-per-node=2``, FSDP2 over gloo):
+    both ranks start from the base model (``B = 0``), rank 0 exports whole (gathered) adapters and the merged model
+    ``W + (alpha / r) B A`` from them. NeMo seeds each rank with ``seed + rank``, so the second half of every
+    ``lora_A`` (rank 1's shard) is a different random draw than in one process: a LoRA run depends on the
+    process count, unlike a full one (docs/peft.md)."""
+    from safetensors.torch import load_file
+
+    from helpers import read_weights
+    from nemo_automodel_bard.recipes.peft_export import lora_pairs
+
+    outs = {n: tmp_path / f"np{n}" for n in (1, 2)}
+    for nproc, out in outs.items():
+        _torchrun(nproc, tiny_model_dir, fixed_data, out, *LORA, "--step_scheduler.max_steps=3")
+    log1, log2 = _log(outs[1]), _log(outs[2])
+    assert len(log1) == len(log2) == 3
+    assert log2[0]["loss"] == pytest.approx(log1[0]["loss"], rel=1e-5)  # the same start: B = 0
+    pairs = [lora_pairs(load_file(str(out / "adapter" / "adapter_model.safetensors"))) for out in outs.values()]
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert pairs[0].keys() == pairs[1].keys() and len(pairs[1]) == 7 * layers  # q/k/v/o, gate/up/down per layer
+    for key, (a1, b1) in pairs[0].items():
+        a2, b2 = pairs[1][key]
+        assert a1.shape == a2.shape and b1.shape == b2.shape, key  # whole tensors, not one rank's shard
+        half = a1.shape[0] // 2  # rank 0's rows of lora_A: its init is the one-process init (3 small steps apart)
+        assert (a1[:half] - a2[:half]).abs().max() < 0.1 < (a1[half:] - a2[half:]).abs().max(), key
+    base, merged = read_weights(Path(tiny_model_dir)), read_weights(outs[2] / "final")
+    assert base.keys() == merged.keys()
+    for key, value in base.items():
+        expected = value + 2.0 * pairs[1][key][1] @ pairs[1][key][0] if key in pairs[1] else value  # alpha / r = 2
+        assert torch.allclose(merged[key], expected, rtol=1e-5, atol=1e-6), key

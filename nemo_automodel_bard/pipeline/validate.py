@@ -8,7 +8,7 @@ from typing import Any
 
 from nemo_automodel_bard.diffusion.losses import kd_direction
 
-from .stages import PEFT_STAGES, PROCEDURAL_DATA, STAGE_ORDER, pbm_steps, peft_overrides
+from .stages import PEFT_STAGES, PROCEDURAL_DATA, STAGE_ORDER, pbm_steps, peft_lr_scale, peft_overrides
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -155,6 +155,7 @@ def validate_config(cfg: dict[str, Any], repo_root: Path, available_outputs: set
     for stage in PEFT_STAGES:  # the peft group: name, stages, targets, rank and alpha (docs/peft.md)
         try:
             peft_overrides(cfg, stage)
+            peft_lr_scale(cfg, stage)
         except (TypeError, ValueError) as exc:
             raise PipelineConfigError(str(exc)) from None
 
