@@ -25,18 +25,16 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import serve_load  # noqa: E402  (write_ar_copy, the two server launchers, the percentile)
+import serve_load  # noqa: E402  (write_ar_copy, the two server launchers, the timed round)
 
 
 def toy_pairs() -> list[tuple[str, str, object]]:
@@ -119,15 +117,8 @@ def _round(base: str, model: str, concurrency: int, requests: int, extra: dict, 
 
     for i in range(len(pairs)):  # warm-up, one of each
         ask(i)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(ask, range(requests)))
-    wall = time.perf_counter() - started
-    latencies = [r[0] for r in results]
-    tokens = sum(r[1] for r in results)
-    return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "requests_per_s": requests / wall,
-            "tokens": tokens, "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
-            "p99_s": serve_load._percentile(latencies, 99), "accuracy": sum(r[2] for r in results) / requests}
+    row, results = serve_load.timed_round(ask, concurrency, requests)
+    return dict(row, accuracy=sum(r[2] for r in results) / requests)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 PROMPTS = ["How many shapes are there?", "What colour is the circle?", "Describe the picture.",
            "Is there a square on the left?"]
@@ -135,15 +136,21 @@ def _round(base: str, model: str, concurrency: int, requests: int, max_tokens: i
         return time.perf_counter() - started, int(reply.usage.completion_tokens)
 
     ask(0)  # warm-up
+    return timed_round(ask, concurrency, requests)[0]
+
+
+def timed_round(ask: Callable[[int], tuple], concurrency: int, requests: int) -> tuple[dict, list[tuple]]:
+    """``requests`` calls ``ask(i)`` (each returning ``(seconds, completion tokens, ...)``) from ``concurrency``
+    threads: ``(throughput and latency figures, every call's result)``."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(ask, range(requests)))
     wall = time.perf_counter() - started
     latencies = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
-    return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "requests_per_s": requests / wall,
-            "tokens": tokens, "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
-            "p99_s": _percentile(latencies, 99)}
+    return ({"concurrency": concurrency, "requests": requests, "wall_s": wall, "requests_per_s": requests / wall,
+             "tokens": tokens, "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
+             "p99_s": _percentile(latencies, 99)}, results)
 
 
 def load(args: argparse.Namespace) -> list[dict]:
