@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .inputs import media_inputs
-from .static import StaticKVCache, StepForward, attention_window, compile_for, eager_step, fit_window, static_length
+from .static import (StaticKVCache, StepForward, attention_window, compile_for, compiled_step, eager_step, fit_window,
+                     static_length)
 from .unmasking import propose_tokens
 
 
@@ -106,25 +107,25 @@ def ar_generate(
     started = time.perf_counter()
 
     # key validity for the whole run: prompt padding is invalid, generated tokens are valid
-    width = prompt_len + max_new_tokens
-    if compile:  # the whole buffer in every mask; keys past the current token are hidden
-        width = static_length(width)
+    capacity = prompt_len + max_new_tokens
+    if compile:  # a preallocated buffer; each mask covers a window of it, keys past the current token hidden
+        capacity = static_length(capacity)
         if not use_positions:
             raise ValueError("compile=True needs a model whose forward takes logits_positions (a Bard-VL model)")
-        cache: Any = StaticKVCache(model.config.text_config, batch, width, dtype, device)
-        step: StepForward = compile_for(model, "ar_step", eager_step(model))
+        cache: Any = StaticKVCache(model.config.text_config, batch, capacity, dtype, device)
+        step: StepForward = compiled_step(model)
         greedy = compile_for(model, "ar_greedy_step", functools.partial(_greedy_token, eager_step(model)))
     else:
         cache = DynamicCache(config=model.config.text_config)
-    key_valid = torch.ones(batch, width, dtype=torch.bool, device=device)
+    key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
     key_valid[:, :prompt_len] = valid
     key_bias = torch.zeros(key_valid.shape, dtype=dtype, device=device).masked_fill_(~key_valid, min_value)
-    key_index = torch.arange(width, device=device)
+    key_index = torch.arange(capacity, device=device)
 
     positions = _prompt_positions(model, data, valid)
-    causal = torch.ones(prompt_len, width, dtype=torch.bool, device=device).tril()
-    visible = (key_valid[:, None, :] & causal[None]) | torch.eye(prompt_len, width, dtype=torch.bool, device=device)[None]
-    visible = visible[:, :, : attention_window(prompt_len, width) if compile else prompt_len]
+    causal = torch.ones(prompt_len, capacity, dtype=torch.bool, device=device).tril()
+    visible = (key_valid[:, None, :] & causal[None]) | torch.eye(prompt_len, capacity, dtype=torch.bool, device=device)[None]
+    visible = visible[:, :, : attention_window(prompt_len, capacity) if compile else prompt_len]
     prefill_mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, min_value)[:, None]
     last = prompt_len - 1 - valid.flip(-1).long().argmax(-1)  # index of each prompt's last real token
     kwargs: dict[str, Any] = {}
@@ -152,9 +153,8 @@ def ar_generate(
     generated = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     logits = out.logits.reshape(batch, -1)
-    token = None
     for t in range(max_new_tokens):
-        if token is None or logits is not None:  # the compiled greedy step returns the next token itself
+        if logits is not None:  # (the compiled greedy step returns the next token itself and no logits)
             token, _, _ = propose_tokens(
                 logits[:, None], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
@@ -175,7 +175,7 @@ def ar_generate(
                         position_ids=step_positions, past_key_values=cache, use_cache=True, **step_kwargs)
             logits = out.logits.reshape(batch, -1)
             continue
-        window = attention_window(kv, width)
+        window = attention_window(kv, capacity)
         step_mask = key_bias[:, :window].masked_fill(key_index[:window] >= kv, min_value)[:, None, None, :]
         cache.fit(step_mask)
         if temperature or top_k or top_p < 1:

@@ -221,9 +221,10 @@ class _MaskBuilder:
     fused first step of a block (clean queries must not see the noisy block) builds a mask.
     FlexAttention path: a ``BlockMask`` from the boolean visibility.
 
-    Static path (``static=True``, a :class:`~.static.StaticKVCache`): every mask spans all ``key_valid`` columns
-    (the whole buffer), and the keys past the end of the forward's row are hidden too, so that a step has the same
-    shapes in every block.
+    Static path (``static=True``, a :class:`~.static.StaticKVCache`): a mask spans the first
+    :func:`~.static.attention_window` columns of ``key_valid`` (the buffer), and the keys past the end of the
+    forward's row are hidden too, so that the steps of a block share their shapes with the other blocks of the
+    same window.
     """
 
     def __init__(self, model: Any, key_valid: torch.Tensor, dtype: torch.dtype, static: bool = False) -> None:

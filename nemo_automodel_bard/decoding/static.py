@@ -9,11 +9,12 @@ every block), so this module provides:
   dim]`` per layer, where ``length`` is the prompt plus the whole response rounded up to a bucket
   (:func:`static_length`), so that prompts of similar length share one compiled graph. A forward writes its keys
   in place after the last kept position; :meth:`StaticKVCache.drop_last` moves that position back (the noisy
-  block's keys are overwritten by the next step). Attention always reads the whole buffer: the caller's mask
-  hides the positions past the end (and the prompt's padding).
+  block's keys are overwritten by the next step). A forward reads a window of the buffer
+  (:func:`attention_window`, set from its mask's width by :meth:`StaticKVCache.fit`): the caller's mask hides the
+  positions past the end (and the prompt's padding).
 * :func:`compiled_step`: ``torch.compile`` of the text-only model forward ``(input_ids, attention_mask,
   position_ids, logits_positions, cache) -> logits``, one per model, with fixed shapes. A new (batch, query
-  length, cache length) compiles a new graph once; every later call with those shapes reuses it. The block
+  length, attention window) compiles a new graph once; every later call with those shapes reuses it. The block
   decoder's steady steps (``B`` queries), its fused first step (``2B``) and the AR baseline's one-token step each
   get their graph. The prefill (prompt length varies, images) stays eager.
 
