@@ -159,22 +159,16 @@ def with_fits(result: dict) -> dict:
 def run(plan: dict) -> dict:
     result = {"host": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "points": [], "fits": {}}
-    for size, lengths in plan["text"].items():
-        for length in lengths:
-            for layers in (1, 2):
-                point = measure_text(size, layers, length)
-                print(json.dumps(point), flush=True)
-                result["points"].append(point)
-        result["fits"][f"text_{size}"] = fit([p for p in result["points"] if p["part"] == "text"
-                                              and p["size"] == size], "length")
-    for size, sides in plan["vision"].items():
-        for side in sides:
-            for layers in (1, 2):
-                point = measure_vision(size, layers, side)
-                print(json.dumps(point), flush=True)
-                result["points"].append(point)
-        result["fits"][f"vision_{size}"] = fit([p for p in result["points"] if p["part"] == "vision"
-                                                and p["size"] == size], "patches")
+    # each part at each size: one and two layers at every planned row length / image side, then the per-layer fit
+    for part, measure, x_key in (("text", measure_text, "length"), ("vision", measure_vision, "patches")):
+        for size, xs in plan[part].items():
+            for x in xs:
+                for layers in (1, 2):
+                    point = measure(size, layers, x)
+                    print(json.dumps(point), flush=True)
+                    result["points"].append(point)
+            result["fits"][f"{part}_{size}"] = fit([p for p in result["points"] if p["part"] == part
+                                                    and p["size"] == size], x_key)
     return result
 
 
